@@ -1,0 +1,13 @@
+"""Per-architecture sharding policies (installed as `shardformer.policies`)."""
+from .base import Policy, get_policy, register_policy, supported_model_types
+from .llama import LlamaPolicy, MistralPolicy, Qwen2Policy
+
+__all__ = [
+    "Policy",
+    "get_policy",
+    "register_policy",
+    "supported_model_types",
+    "LlamaPolicy",
+    "MistralPolicy",
+    "Qwen2Policy",
+]

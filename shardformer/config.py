@@ -1,0 +1,89 @@
+"""`ShardConfig`: the parallel layout a user asks for, validated on construction.
+
+Only the layout itself is checked here (sizes positive, names known). Checks that need the model
+(heads divisible by tp, ...) or the process world (tp divides the world) are done by
+`shard_model` before any collective runs, so every error is raised at setup.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SP_MODES = ("split_gather", "all_to_all", "ring")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zbv")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Parallel degrees and features for `shard_model`.
+
+    The world is ``dp x pp x sp x tp``; ``dp`` is whatever remains after the other three.
+
+    Args:
+        tp_size: tensor-parallel degree (attention heads, MLP and vocabulary are split over it).
+        pp_size: pipeline-parallel degree (not built yet: values other than 1 raise NotImplementedError).
+        sp_size: sequence-parallel degree (not built yet).
+        sp_mode: "split_gather" | "all_to_all" | "ring" (not built yet).
+        pp_schedule: "gpipe" | "1f1b" | "interleaved" | "zbv"; only meaningful with pp_size > 1.
+        num_microbatches: pipeline microbatches; only meaningful with pp_size > 1.
+        zero_stage: 0 (plain data parallel) or 1/2/3 (not built yet).
+        enable_fused_kernels: let policies substitute fused kernels where they exist (the pure
+            PyTorch path is used where they do not; today no kernel is wired in).
+        gradient_checkpointing: recompute each decoder layer in backward (HF's own mechanism).
+    """
+
+    tp_size: int = 1
+    pp_size: int = 1
+    sp_size: int = 1
+    sp_mode: str | None = None
+    pp_schedule: str = "1f1b"
+    num_microbatches: int | None = None
+    zero_stage: int = 0
+    enable_fused_kernels: bool = True
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        for name in ("tp_size", "pp_size", "sp_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ShardConfig.{name} must be a positive int, got {value!r}")
+        if self.sp_mode is not None and self.sp_mode not in SP_MODES:
+            raise ValueError(f"ShardConfig.sp_mode must be None or one of {SP_MODES}, got {self.sp_mode!r}")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ValueError(f"ShardConfig.pp_schedule must be one of {PP_SCHEDULES}, got {self.pp_schedule!r}")
+        if self.num_microbatches is not None and (
+            not isinstance(self.num_microbatches, int) or self.num_microbatches < 1
+        ):
+            raise ValueError(
+                f"ShardConfig.num_microbatches must be None or a positive int, got {self.num_microbatches!r}"
+            )
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"ShardConfig.zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage!r}")
+        for name in ("enable_fused_kernels", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ShardConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.sp_size > 1 and self.sp_mode is None:
+            raise ValueError("ShardConfig.sp_size > 1 needs ShardConfig.sp_mode (one of %s)" % (SP_MODES,))
+        self._refuse_unbuilt()
+
+    def _refuse_unbuilt(self):
+        """Fields whose feature does not exist yet: refuse non-default values by name."""
+        unbuilt = {
+            "pp_size": (self.pp_size != 1, "pipeline parallelism"),
+            "pp_schedule": (self.pp_schedule != "1f1b", "pipeline schedules"),
+            "num_microbatches": (self.num_microbatches is not None, "pipeline microbatching"),
+            "sp_size": (self.sp_size != 1, "sequence parallelism"),
+            "sp_mode": (self.sp_mode is not None, "sequence parallelism"),
+            "zero_stage": (self.zero_stage != 0, "the ZeRO optimizer"),
+        }
+        for field_name, (is_set, feature) in unbuilt.items():
+            if is_set:
+                raise NotImplementedError(
+                    f"ShardConfig.{field_name}={getattr(self, field_name)!r}: {feature} is not built yet; "
+                    f"leave ShardConfig.{field_name} at its default"
+                )
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks one model replica spans (pp x sp x tp)."""
+        return self.pp_size * self.sp_size * self.tp_size

@@ -1,0 +1,53 @@
+"""Vocab-parallel embedding, built from an existing `nn.Embedding`.
+
+The table [V, H] is split on V (rows), zero-padded to a multiple of tp; rank r holds the rows of
+tokens [vocab_start, vocab_start + V_pad / tp). Token ids outside that range look up zeros.
+    forward: all-reduce (sum) of the partial lookups over the tp group
+    backward: identity on dL/dy, no collective (each rank's rows get the gradient of their tokens)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .comm import reduce_from_group
+from .shard import ShardSpec, split_tensor
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split over the tp group (see module docstring).
+
+    `padding_idx` keeps nn.Embedding's meaning: that row receives no gradient.
+    """
+
+    def __init__(self, weight: nn.Parameter, spec: ShardSpec, group, tp_rank: int, padding_idx: int | None):
+        super().__init__()
+        self.weight, self.group = weight, group
+        self.vocab_start = spec.start(tp_rank)
+        self.num_embeddings, self.embedding_dim = spec.full, weight.shape[1]
+        self.padding_idx = padding_idx
+        local_pad = None if padding_idx is None else padding_idx - self.vocab_start
+        self._local_padding_idx = local_pad if local_pad is not None and 0 <= local_pad < spec.local else None
+        self.sf_shard_specs = {"weight": spec}
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, spec: ShardSpec, group, tp_rank: int):
+        for attr, default in (("max_norm", None), ("scale_grad_by_freq", False), ("sparse", False)):
+            if getattr(emb, attr) != default:
+                raise ValueError(
+                    f"vocab-parallel embedding does not support nn.Embedding.{attr}={getattr(emb, attr)!r}; "
+                    "set ShardConfig.tp_size=1 for this model"
+                )
+        weight = nn.Parameter(split_tensor(emb.weight.detach(), spec, tp_rank), requires_grad=emb.weight.requires_grad)
+        return cls(weight, spec, group, tp_rank, emb.padding_idx)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight, self._local_padding_idx)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_group(out, self.group)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]} of {self.num_embeddings} rows from {self.vocab_start}, dim={self.embedding_dim}"

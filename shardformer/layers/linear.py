@@ -1,0 +1,119 @@
+"""Tensor-parallel linear layers (Megatron-style), built from an existing `nn.Linear`.
+
+`y = x W^T + b` with `W` of shape [out, in].
+
+ColumnParallelLinear splits `out` (W rows and b): rank r computes y[..., out_r].
+    forward: identity on x, no collective (output stays split on the last dim)
+    backward: all-reduce (sum) of dL/dx over the tp group
+RowParallelLinear splits `in` (W columns); its input is already split on the last dim.
+    forward: all-reduce (sum) of the partial x_r W_r^T over the tp group, then + b (b replicated)
+    backward: identity on dL/dy, no collective
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .comm import copy_to_group, gather_from_group, reduce_from_group
+from .shard import ShardSpec, split_tensor
+
+
+def _param_like(source: torch.Tensor, data: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(data, requires_grad=source.requires_grad)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Linear layer with its output features split over the tp group (see module docstring).
+
+    `spec` says how `out` is cut; `spec.replicas > 1` means several ranks hold the same rows
+    (replicated KV heads): their gradients are summed by the gradient reducer, not here.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: ShardSpec, group):
+        super().__init__()
+        self.weight, self.bias, self.group = weight, bias, group
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.sf_shard_specs = {"weight": spec} | ({"bias": spec} if bias is not None else {})
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group, tp_rank: int):
+        weight = _param_like(linear.weight, split_tensor(linear.weight.detach(), spec, tp_rank))
+        bias = None
+        if linear.bias is not None:
+            bias = _param_like(linear.bias, split_tensor(linear.bias.detach(), spec, tp_rank))
+        return cls(weight, bias, spec, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_group(x, self.group), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        spec = self.sf_shard_specs["weight"]
+        return f"in={self.in_features}, out={self.out_features} of {spec.full}, bias={self.bias is not None}"
+
+
+class RowParallelLinear(nn.Module):
+    """Linear layer with its input features split over the tp group (see module docstring)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: ShardSpec, group):
+        super().__init__()
+        self.weight, self.bias, self.group = weight, bias, group
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.sf_shard_specs = {"weight": spec}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group, tp_rank: int):
+        weight = _param_like(linear.weight, split_tensor(linear.weight.detach(), spec, tp_rank))
+        return cls(weight, linear.bias, spec, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_group(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        spec = self.sf_shard_specs["weight"]
+        return f"in={self.in_features} of {spec.full}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class VocabParallelLMHead(ColumnParallelLinear):
+    """Output projection with the vocabulary (W rows) split over the tp group; logits stay split.
+
+    The vocabulary is zero-padded to a multiple of tp inside the weight; the padded columns are
+    cut from the output, so rank r returns logits for tokens [vocab_start, vocab_start + n_r)
+    and no padded logit reaches a loss or a user.
+        forward: identity on x; output split on the vocab dim (no collective)
+        backward: all-reduce (sum) of dL/dx over the tp group
+    """
+
+    def __init__(self, weight, bias, spec: ShardSpec, group, tp_rank: int):
+        super().__init__(weight, bias, spec, group)
+        self.vocab_start = spec.start(tp_rank)
+        self.vocab_valid = spec.valid(tp_rank)
+        self.vocab_size = spec.full
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group, tp_rank: int, weight=None):
+        """`weight`: an already-split Parameter to share (tied input/output embeddings)."""
+        if weight is None:
+            weight = _param_like(linear.weight, split_tensor(linear.weight.detach(), spec, tp_rank))
+        bias = None
+        if linear.bias is not None:
+            bias = _param_like(linear.bias, split_tensor(linear.bias.detach(), spec, tp_rank))
+        return cls(weight, bias, spec, group, tp_rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        if self.vocab_valid < self.out_features:
+            logits = logits[..., : self.vocab_valid]
+        return logits
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits from this rank's slice (used for outputs without labels)."""
+        world = dist.get_world_size(self.group)
+        if world == 1:
+            return logits
+        pad = self.out_features - logits.shape[-1]
+        if pad:
+            logits = F.pad(logits, (0, pad))
+        return gather_from_group(logits, -1, self.group)[..., : self.vocab_size]

@@ -1,0 +1,76 @@
+"""Vocab-parallel cross-entropy: the loss of vocab-split logits without gathering them.
+
+Each tp rank holds logits [N, V_r] for the token range [vocab_start, vocab_start + V_r).
+    forward: all-reduce (max) of the row maxima, all-reduce (sum) of the exp-sums and of the
+             target logit (each target lives on exactly one rank); loss = log(sum exp) - target
+    backward: no collective; dL/dlogits = (softmax - onehot(target)) * dL/dloss on the local slice
+
+`causal_lm_loss` is installed as the model's `loss_function` and reproduces transformers'
+ForCausalLM loss: labels shifted left by one with `ignore_index` appended (or `shift_labels`
+used as given), mean over non-ignored targets, or sum / `num_items_in_batch` when given.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .comm import all_reduce_no_grad
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, vocab_start, group, ignore_index):
+        n_local = logits.shape[-1]
+        row_max = all_reduce_no_grad(logits.max(dim=-1).values, group, "max")
+        shifted = logits - row_max.unsqueeze(-1)
+        local_t = target - vocab_start
+        here = (local_t >= 0) & (local_t < n_local)
+        local_t = local_t.masked_fill(~here, 0)
+        target_logit = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~here, 0.0)
+        exp = shifted.exp_()
+        sum_exp = all_reduce_no_grad(exp.sum(dim=-1), group, "sum")
+        target_logit = all_reduce_no_grad(target_logit, group, "sum")
+        valid = target != ignore_index
+        loss = (sum_exp.log() - target_logit).masked_fill(~valid, 0.0)
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_t, here & valid, valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_t, hit, valid = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), -hit.to(grad.dtype).unsqueeze(-1))
+        grad.mul_((grad_loss * valid).unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, target, vocab_start: int, group, ignore_index: int = -100):
+    """Per-row cross-entropy (0 where target == ignore_index) of vocab-split fp32 logits [N, V_r]."""
+    return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, group, ignore_index)
+
+
+def causal_lm_loss(
+    logits,
+    labels,
+    vocab_size=None,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels=None,
+    *,
+    head,
+    **kwargs,
+):
+    """transformers' causal-LM loss computed on `head`'s vocab-split logits (see module docstring)."""
+    logits = logits.float()
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits.reshape(-1, logits.shape[-1])
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    per_row = vocab_parallel_cross_entropy(logits, shift_labels, head.vocab_start, head.group, ignore_index)
+    total = per_row.sum()
+    if num_items_in_batch is None:
+        return total / (shift_labels != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

@@ -1,0 +1,42 @@
+"""Tiny model configs shared by the tests: GQA with 2 KV heads, a vocab (250) that no tp divides
+evenly into a multiple of 4, 8 query heads so tp in {1, 2, 4} all divide them."""
+import torch
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel,
+    MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+)
+
+DIMS = dict(vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "llama-model": (LlamaConfig, LlamaModel),
+    "llama-seqcls": (LlamaConfig, LlamaForSequenceClassification),
+}
+
+
+def build(family: str, tied: bool = False, seed: int = 0, **overrides):
+    """The same fp32 model on every rank (seeded init)."""
+    config_cls, model_cls = FAMILIES[family]
+    config = config_cls(**{**DIMS, "tie_word_embeddings": tied, **overrides})
+    torch.manual_seed(seed)
+    return model_cls(config).float()
+
+
+def batch(n: int, seq: int = 12, vocab: int = 250, seed: int = 1):
+    """input_ids and labels (a few -100s at the same positions in every row)."""
+    ids = torch.randint(1, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[:, 3] = -100
+    labels[:, 7] = -100
+    return ids, labels
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|b| (0 when both are all-zero)."""
+    denom = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff if denom == 0 else diff / denom
