@@ -21,6 +21,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, group, ignore_index):
         n_local = logits.shape[-1]
+        if n_local == 0:  # a rank whose vocabulary slice is all padding holds no logits
+            logits = logits.new_full((*logits.shape[:-1], 1), float("-inf"))
         row_max = all_reduce_no_grad(logits.max(dim=-1).values, group, "max")
         shifted = logits - row_max.unsqueeze(-1)
         local_t = target - vocab_start
@@ -33,7 +35,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         valid = target != ignore_index
         loss = (sum_exp.log() - target_logit).masked_fill(~valid, 0.0)
         softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_t, here & valid, valid)
+        ctx.save_for_backward(softmax[..., :n_local], local_t, here & valid, valid)
         return loss
 
     @staticmethod

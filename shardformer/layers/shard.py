@@ -51,13 +51,13 @@ class ShardSpec:
 def split_tensor(full: torch.Tensor, spec: ShardSpec, tp_rank: int) -> torch.Tensor:
     """This rank's piece of `full` along `spec.dim`, zero-padded to `spec.local`."""
     start, valid = spec.start(tp_rank), spec.valid(tp_rank)
-    piece = full.narrow(spec.dim, start, valid)
     if valid == spec.local:
-        return piece.clone()
+        return full.narrow(spec.dim, start, valid).clone()
     shape = list(full.shape)
     shape[spec.dim] = spec.local
     out = full.new_zeros(shape)
-    out.narrow(spec.dim, 0, valid).copy_(piece)
+    if valid:  # a rank can hold padding only (e.g. 9 rows over 8 ranks: 2 per rank)
+        out.narrow(spec.dim, 0, valid).copy_(full.narrow(spec.dim, start, valid))
     return out
 
 

@@ -1,0 +1,102 @@
+"""Bad input raises ValueError at setup, before any collective, naming the config field and the
+model attribute. "Before any collective" is checked by making every collective entry point raise
+while shard_model runs, so a check that came too late would fail with that error instead."""
+import copy
+from unittest import mock
+
+import pytest
+import torch.distributed as dist
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import shardformer as sf
+from shardformer.policies import LlamaPolicy
+
+from .models import build
+
+
+def _no_collectives():
+    def boom(*a, **k):
+        raise AssertionError("a collective ran before the ValueError")
+
+    names = ["all_reduce", "all_gather", "broadcast", "barrier", "new_group", "all_gather_object"]
+    patches = [mock.patch.object(dist, n, boom) for n in names]
+    patches.append(mock.patch("shardformer.mesh.init_device_mesh", boom))
+    patches += [mock.patch(f"shardformer.layers.comm.{n}", boom) for n in ("_all_reduce", "_all_gather")]
+    return patches
+
+
+def _expect_value_error(model, cfg, *fragments, policy=None):
+    patches = _no_collectives()
+    for p in patches:
+        p.start()
+    try:
+        with pytest.raises(ValueError) as info:
+            sf.shard_model(model, policy=policy, config=cfg)
+    finally:
+        for p in patches:
+            p.stop()
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+    return str(info.value)
+
+
+class MissingEntryPolicy(LlamaPolicy):
+    column_parallel = LlamaPolicy.column_parallel + ("mlp.no_such_proj",)
+
+
+class OptionalEntryPolicy(MissingEntryPolicy):
+    optional = ("mlp.no_such_proj",)
+
+
+def check_setup_errors():
+    model = build("llama")  # 8 heads, 2 KV heads, world of 2
+    _expect_value_error(model, sf.ShardConfig(tp_size=3), "ShardConfig.tp_size=3",
+                        "torch.distributed.get_world_size()=2")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    msg = _expect_value_error(gpt2, sf.ShardConfig(tp_size=2), "model.config.model_type='gpt2'", "llama",
+                              "register_policy")
+    _expect_value_error(copy.deepcopy(model), sf.ShardConfig(tp_size=2), "MissingEntryPolicy.column_parallel",
+                        "mlp.no_such_proj", policy=MissingEntryPolicy())
+    sharded = sf.shard_model(copy.deepcopy(model), policy=OptionalEntryPolicy, config=sf.ShardConfig(tp_size=2))
+    _expect_value_error(sharded, sf.ShardConfig(tp_size=2), "already sharded")
+    return msg
+
+
+def check_head_divisibility():
+    """On 4 ranks: 6 query heads do not split over tp=4; 3 KV heads neither divide tp=2 nor are
+    divided by it; an MLP width of 90 does not split over tp=4."""
+    six = build("llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
+    _expect_value_error(six, sf.ShardConfig(tp_size=4), "ShardConfig.tp_size=4", "model.config.num_attention_heads=6")
+    three_kv = build("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
+    _expect_value_error(three_kv, sf.ShardConfig(tp_size=2), "ShardConfig.tp_size=2",
+                        "model.config.num_key_value_heads=3")
+    wide = build("llama", intermediate_size=90)
+    _expect_value_error(wide, sf.ShardConfig(tp_size=4), "ShardConfig.tp_size=4", "mlp.gate_proj.out_features=90")
+    return True
+
+
+def test_setup_errors(pools):
+    pools(2).run(check_setup_errors)
+
+
+def test_head_divisibility(pools):
+    pools(4).run(check_head_divisibility)
+
+
+def test_shard_model_needs_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="torchrun"):
+        sf.shard_model(build("llama"), config=sf.ShardConfig(tp_size=2))
+
+
+@pytest.mark.parametrize("field,value", [("tp_size", 0), ("sp_mode", "bogus"), ("pp_schedule", "x"),
+                                         ("zero_stage", 5), ("num_microbatches", 0)])
+def test_config_validates_itself(field, value):
+    with pytest.raises(ValueError, match=f"ShardConfig.{field}"):
+        sf.ShardConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("pp_size", 2), ("zero_stage", 2), ("pp_schedule", "gpipe")])
+def test_unbuilt_features_are_named(field, value):
+    with pytest.raises(NotImplementedError, match=f"ShardConfig.{field}"):
+        sf.ShardConfig(**{field: value})
