@@ -120,6 +120,8 @@ def check_logits_without_labels(tp):
     assert local.shape[-1] == head.vocab_valid
     expect = ref(input_ids=ids).logits[..., head.vocab_start:head.vocab_start + head.vocab_valid]
     assert rel_err(local, expect) <= TOL
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids[:1, :5], **greedy), ref.generate(ids[:1, :5], **greedy))
     return err
 
 
