@@ -1,19 +1,41 @@
-"""shardformer: sharding layer over Hugging Face transformers (see README.md)."""
+"""shardformer: sharding layer over Hugging Face transformers (see README.md).
+
+`CUDA_EXT=1 pip install --no-build-isolation .` compiles the kernels in csrc/ ahead of time into
+`shardformer._C` (needs torch with CUDA and nvcc in the build environment); otherwise they are
+compiled on first use on a CUDA machine (shardformer/kernels/cuda.py), and CPU-only machines run
+the PyTorch reference.
+"""
+import glob
 import os
 
 from setuptools import setup
 
-packages = ["shardformer", "shardformer.layers", "shardformer.policies"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+packages = ["shardformer", "shardformer.layers", "shardformer.kernels", "shardformer.policies"]
+kwargs = {}
+if os.environ.get("CUDA_EXT") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cu")) + ["csrc/bindings.cpp"]
+    kwargs = dict(
+        ext_modules=[CUDAExtension("shardformer._C", sources, extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+                     "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
+        })],
+        cmdclass={"build_ext": BuildExtension},
+    )
 
 setup(
     name="shardformer",
     version="0.1.0",
     description="Tensor / sequence / pipeline parallel training of unmodified Hugging Face transformers models",
-    long_description=open(os.path.join(os.path.dirname(__file__), "README.md")).read(),
+    long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
     package_dir={"shardformer.policies": "policies"},
     install_requires=["torch>=2.11", "transformers>=5.17", "safetensors", "accelerate"],
     extras_require={"test": ["pytest", "hypothesis"]},
+    **kwargs,
 )

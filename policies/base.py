@@ -31,6 +31,11 @@ class Policy:
             value; values are "q_heads", "kv_heads" or "groups" (q heads per KV head).
         num_heads_attr / num_kv_heads_attr: config attributes counting heads.
         loss: the loss installed as `model.loss_function` when the LM head is split.
+        fused_norms / final_norm: RMSNorms in each layer / in the base model that the fused
+            RMSNorm kernel may replace (with `ShardConfig.enable_fused_kernels`).
+        fused_mlp: the gate/up/down MLP in each layer that the fused SwiGLU may replace.
+        fused_rotary: route the family's `apply_rotary_pos_emb` to the fused rotary kernel
+            (only when the CUDA extension is loaded).
         optional: entries above allowed to match nothing in a given model.
     """
 
@@ -47,6 +52,10 @@ class Policy:
     num_heads_attr: ClassVar[str] = "num_attention_heads"
     num_kv_heads_attr: ClassVar[str] = "num_key_value_heads"
     loss: ClassVar[str] = "causal_lm"
+    fused_norms: ClassVar[tuple[str, ...]] = ()
+    final_norm: ClassVar[str | None] = None
+    fused_mlp: ClassVar[str | None] = None
+    fused_rotary: ClassVar[bool] = False
     optional: ClassVar[tuple[str, ...]] = ()
 
     @property

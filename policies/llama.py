@@ -17,6 +17,10 @@ class LlamaPolicy(Policy):
     row_parallel = ("self_attn.o_proj", "mlp.down_proj")
     attention = "self_attn"
     attention_local_attrs = {"num_key_value_groups": "groups"}
+    fused_norms = ("input_layernorm", "post_attention_layernorm")
+    final_norm = "norm"
+    fused_mlp = "mlp"
+    fused_rotary = True
 
 
 @register_policy

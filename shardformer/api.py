@@ -14,6 +14,7 @@ from . import policies as _policies
 from .config import ShardConfig
 from .data_parallel import GradReducer
 from .grad_clip import clip_grad_norm_
+from .kernels.apply import apply_fused_kernels
 from .layers.comm import all_reduce_no_grad
 from .layers.linear import VocabParallelLMHead
 from .mesh import build_mesh, check_world, require_process_group
@@ -93,6 +94,8 @@ def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None 
         raise ValueError(
             f"ShardConfig.gradient_checkpointing=True but {type(model).__name__}.supports_gradient_checkpointing is False"
         )
+    if config.enable_fused_kernels:
+        apply_fused_kernels(model, policy, plan.layers_path, plan.base_path)
 
     # From here on collectives may run: every check above passed on every rank.
     mesh = build_mesh(config)

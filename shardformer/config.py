@@ -27,8 +27,8 @@ class ShardConfig:
         pp_schedule: "gpipe" | "1f1b" | "interleaved" | "zbv"; only meaningful with pp_size > 1.
         num_microbatches: pipeline microbatches; only meaningful with pp_size > 1.
         zero_stage: 0 (plain data parallel) or 1/2/3 (not built yet).
-        enable_fused_kernels: let policies substitute fused kernels where they exist (the pure
-            PyTorch path is used where they do not; today no kernel is wired in).
+        enable_fused_kernels: let the policy substitute fused-kernel modules (RMSNorm, SwiGLU,
+            rotary): CUDA kernels on GPUs, an exact PyTorch reference elsewhere.
         gradient_checkpointing: recompute each decoder layer in backward (HF's own mechanism).
     """
 

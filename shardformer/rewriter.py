@@ -27,6 +27,8 @@ LOSSES = {"causal_lm": causal_lm_loss}
 @dataclass
 class TensorParallelPlan:
     tp: int
+    base_path: str  # "" or "<base_model_prefix>."
+    layers_path: str
     embedding_path: str
     head_path: str | None
     tied: bool
@@ -87,7 +89,7 @@ def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPla
     if len(layers) == 0:
         raise _err(policy, "layers", policy.layers, f"is empty in {base_name}")
 
-    plan = TensorParallelPlan(tp, base_prefix + policy.embedding, None, False)
+    plan = TensorParallelPlan(tp, base_prefix, base_prefix + policy.layers, base_prefix + policy.embedding, None, False)
     vocab = embedding.num_embeddings
     if vocab < tp:
         raise ValueError(f"ShardConfig.tp_size={tp} exceeds model.config.vocab_size={vocab}")
@@ -102,7 +104,7 @@ def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPla
             raise _err(policy, "lm_head", policy.lm_head, f"has {head.out_features} outputs, embedding has {vocab}")
         plan.head_path, plan.tied = policy.lm_head, head.weight is embedding.weight
 
-    layers_path = base_prefix + policy.layers
+    layers_path = plan.layers_path
     kv_set = set(policy.kv_projections)
     for i, layer in enumerate(layers):
         prefix = f"{layers_path}.{i}."

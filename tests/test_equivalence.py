@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import shardformer as sf
 from shardformer.checkpoint import gather_full
+from shardformer.kernels import FusedRMSNorm, FusedSwiGLUMLP
 from shardformer.layers.shard import sharded_parameters
 
 from .models import batch, build, rel_err
@@ -35,12 +36,16 @@ def _loss(model, family, ids, labels):
     return model(input_ids=ids, labels=labels).loss
 
 
-def check_equivalence(family, tp, tied=False, steps=1, gradient_checkpointing=False, rows_per_rank=2):
+def check_equivalence(family, tp, tied=False, steps=1, gradient_checkpointing=False, rows_per_rank=2,
+                      fused=True):
     """On every rank: shard a copy of the reference, run fwd+bwd (+AdamW) on this dp rank's rows,
     compare with the reference run on all rows. Returns the worst relative error."""
     ref = build(family, tied=tied)
-    cfg = sf.ShardConfig(tp_size=tp, gradient_checkpointing=gradient_checkpointing)
+    cfg = sf.ShardConfig(tp_size=tp, gradient_checkpointing=gradient_checkpointing, enable_fused_kernels=fused)
     model = sf.shard_model(copy.deepcopy(ref), config=cfg)
+    layer = model.base_model.layers[0]
+    assert isinstance(layer.mlp, FusedSwiGLUMLP) == fused and isinstance(layer.input_layernorm, FusedRMSNorm) == fused
+    assert isinstance(model.base_model.norm, FusedRMSNorm) == fused
     model.train(), ref.train()
     mesh = model.sf_mesh
     dp, dp_rank = mesh["dp"].size(), mesh.get_local_rank("dp")
@@ -103,6 +108,13 @@ def test_data_parallel_times_tensor_parallel(pools, tp):
 
 def test_gradient_checkpointing(pools):
     assert max(pools(2).run(check_equivalence, "llama", 2, False, 1, True)) <= TOL
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_without_fused_kernels(pools, tp):
+    """enable_fused_kernels=False keeps HF's RMSNorm / MLP modules; the other tests run the fused
+    modules (their exact PyTorch reference on CPU)."""
+    assert max(pools(tp).run(check_equivalence, "llama", tp, False, 1, False, 2, False)) <= TOL
 
 
 def check_logits_without_labels(tp):

@@ -1,0 +1,200 @@
+// RMSNorm with LlamaRMSNorm semantics, optionally fused with the residual add.
+//
+// forward (one block per row of H):
+//   s    = x + residual                       (in x's dtype; only with a residual)
+//   rstd = rsqrt(mean(s^2) + eps)              (fp32)
+//   y    = TO( float(TX(s * rstd)) * w )       (TO = promote(TX, TW), as HF: cast, then times w)
+// backward, with xh = s * rstd and g = TX(dy * w) (the gradient that reaches the cast):
+//   ds   = rstd * (g - xh * mean(g * xh)) (+ incoming grad of the returned s)
+//   dw   = sum_rows dy * TX(xh)            (per-block partial sums in shared memory, then a sum)
+#include "common.cuh"
+
+#include <vector>
+
+namespace sf {
+namespace {
+
+template <typename TX, typename TW, typename TO, int VEC>
+__global__ void rmsnorm_fwd_kernel(const TX* __restrict__ x, const TX* __restrict__ res, const TW* __restrict__ w,
+                                   TO* __restrict__ y, TX* s_out, float* __restrict__ rstd_out, int H, float eps) {
+  __shared__ float smem[32];
+  const int64_t row = blockIdx.x;
+  const int nvec = H / VEC;
+  const TX* xr = x + row * H;
+  TX* sr = res ? s_out + row * H : nullptr;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    Vec<TX, VEC> a = load_vec<TX, VEC>(xr + i * VEC);
+    if (res) {
+      Vec<TX, VEC> b = load_vec<TX, VEC>(res + row * H + i * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) a.v[e] = from_f<TX>(to_f(a.v[e]) + to_f(b.v[e]));
+      store_vec<TX, VEC>(sr + i * VEC, a);
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float f = to_f(a.v[e]);
+      ss += f * f;
+    }
+  }
+  const float r = rsqrtf(block_sum(ss, smem) / H + eps);
+  if (threadIdx.x == 0) rstd_out[row] = r;
+  const TX* src = res ? sr : xr;  // the same thread wrote these elements above
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const Vec<TX, VEC> a = load_vec<TX, VEC>(src + i * VEC);
+    const Vec<TW, VEC> wv = load_vec<TW, VEC>(w + i * VEC);
+    Vec<TO, VEC> o;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) o.v[e] = from_f<TO>(to_f(from_f<TX>(to_f(a.v[e]) * r)) * to_f(wv.v[e]));
+    store_vec<TO, VEC>(y + row * H + i * VEC, o);
+  }
+}
+
+template <typename TX, typename TW, typename TO, int VEC>
+__global__ void rmsnorm_bwd_kernel(const TO* __restrict__ dy, const TX* __restrict__ xs, const TW* __restrict__ w,
+                                   const float* __restrict__ rstd, const TX* __restrict__ ds_in, TX* __restrict__ dx,
+                                   float* __restrict__ dw_partial, int64_t rows, int H) {
+  __shared__ float smem[32];
+  extern __shared__ float dw_acc[];  // H floats when dw_partial != nullptr
+  const int nvec = H / VEC;
+  if (dw_partial) {
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dw_acc[i * VEC + e] = 0.f;
+  }
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float r = rstd[row];
+    const int64_t off = row * H;
+    float dot = 0.f;
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+      const Vec<TO, VEC> d = load_vec<TO, VEC>(dy + off + i * VEC);
+      const Vec<TX, VEC> a = load_vec<TX, VEC>(xs + off + i * VEC);
+      const Vec<TW, VEC> wv = load_vec<TW, VEC>(w + i * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float g = to_f(from_f<TX>(to_f(d.v[e]) * to_f(wv.v[e])));
+        dot += g * to_f(a.v[e]) * r;
+      }
+    }
+    const float c = block_sum(dot, smem) / H;
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+      const Vec<TO, VEC> d = load_vec<TO, VEC>(dy + off + i * VEC);
+      const Vec<TX, VEC> a = load_vec<TX, VEC>(xs + off + i * VEC);
+      const Vec<TW, VEC> wv = load_vec<TW, VEC>(w + i * VEC);
+      Vec<TX, VEC> extra;
+      if (ds_in) extra = load_vec<TX, VEC>(ds_in + off + i * VEC);
+      Vec<TX, VEC> o;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float xh = to_f(a.v[e]) * r;
+        const float g = to_f(from_f<TX>(to_f(d.v[e]) * to_f(wv.v[e])));
+        float v = r * (g - xh * c);
+        if (ds_in) v += to_f(extra.v[e]);
+        o.v[e] = from_f<TX>(v);
+        if (dw_partial) dw_acc[i * VEC + e] += to_f(d.v[e]) * to_f(from_f<TX>(xh));
+      }
+      store_vec<TX, VEC>(dx + off + i * VEC, o);
+    }
+  }
+  if (dw_partial) {  // each thread only ever touched its own columns: no barrier needed
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dw_partial[int64_t(blockIdx.x) * H + i * VEC + e] = dw_acc[i * VEC + e];
+  }
+}
+
+template <typename T, int N>
+bool vec_ok(const T* p) { return aligned_to(p, sizeof(T) * N); }
+
+}  // namespace
+
+std::vector<at::Tensor> rmsnorm_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                    const at::Tensor& weight, double eps) {
+  SF_CHECK_CUDA(x); SF_CHECK_CONTIG(x); SF_CHECK_CUDA(weight); SF_CHECK_CONTIG(weight);
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "rmsnorm_fwd: x [R, H], weight [H]");
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) {
+    SF_CHECK_CONTIG((*residual));
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(), "rmsnorm_fwd: residual like x");
+  }
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t rows = x.size(0);
+  const int H = static_cast<int>(x.size(1));
+  at::Tensor s = has_res ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  at::Tensor y;
+  dispatch_float(x.scalar_type(), "rmsnorm_fwd", [&](auto xv) {
+    using TX = decltype(xv);
+    dispatch_float(weight.scalar_type(), "rmsnorm_fwd", [&](auto wv) {
+      using TW = decltype(wv);
+      using TO = promote_t<TX, TW>;
+      y = at::empty(x.sizes(), x.options().dtype(scalar_type_of<TO>()));
+      if (rows == 0 || H == 0) return;
+      constexpr int V = 16 / sizeof(TX);
+      const TX* res_p = has_res ? residual->data_ptr<TX>() : nullptr;
+      TX* s_p = has_res ? s.data_ptr<TX>() : nullptr;
+      const bool vec = H % V == 0 && vec_ok<TX, V>(x.data_ptr<TX>()) && vec_ok<TW, V>(weight.data_ptr<TW>()) &&
+                       vec_ok<TO, V>(y.data_ptr<TO>()) && (!has_res || (vec_ok<TX, V>(res_p) && vec_ok<TX, V>(s_p)));
+      auto stream = c10::cuda::getCurrentCUDAStream();
+      if (vec) {
+        rmsnorm_fwd_kernel<TX, TW, TO, V><<<rows, threads_for(H / V), 0, stream>>>(
+            x.data_ptr<TX>(), res_p, weight.data_ptr<TW>(), y.data_ptr<TO>(), s_p, rstd.data_ptr<float>(), H, (float)eps);
+      } else {
+        rmsnorm_fwd_kernel<TX, TW, TO, 1><<<rows, threads_for(H), 0, stream>>>(
+            x.data_ptr<TX>(), res_p, weight.data_ptr<TW>(), y.data_ptr<TO>(), s_p, rstd.data_ptr<float>(), H, (float)eps);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {y, s, rstd};
+}
+
+std::vector<at::Tensor> rmsnorm_bwd(const at::Tensor& dy, const at::Tensor& xs, const at::Tensor& weight,
+                                    const at::Tensor& rstd, const c10::optional<at::Tensor>& ds, bool need_dw) {
+  SF_CHECK_CUDA(dy); SF_CHECK_CONTIG(dy); SF_CHECK_CONTIG(xs); SF_CHECK_CONTIG(weight); SF_CHECK_CONTIG(rstd);
+  TORCH_CHECK(dy.sizes() == xs.sizes() && xs.dim() == 2 && weight.size(0) == xs.size(1), "rmsnorm_bwd: shapes");
+  const bool has_ds = ds.has_value() && ds->defined();
+  if (has_ds) {
+    SF_CHECK_CONTIG((*ds));
+    TORCH_CHECK(ds->sizes() == xs.sizes() && ds->scalar_type() == xs.scalar_type(), "rmsnorm_bwd: ds like xs");
+  }
+  const c10::cuda::OptionalCUDAGuard guard(xs.device());
+  const int64_t rows = xs.size(0);
+  const int H = static_cast<int>(xs.size(1));
+  at::Tensor dx = at::empty_like(xs);
+  at::Tensor dw = at::zeros_like(weight);
+  if (rows == 0 || H == 0) return {dx, dw};
+  const int sms = sm_count();
+  const int64_t blocks = std::min<int64_t>(rows, 2 * sms);
+  const size_t smem = need_dw ? size_t(H) * sizeof(float) : 0;
+  TORCH_CHECK(smem <= 128 * 1024, "rmsnorm_bwd: hidden size ", H, " too large for the shared-memory dw accumulator");
+  at::Tensor partial = need_dw ? at::empty({blocks, H}, xs.options().dtype(at::kFloat)) : at::Tensor();
+  dispatch_float(xs.scalar_type(), "rmsnorm_bwd", [&](auto xv) {
+    using TX = decltype(xv);
+    dispatch_float(weight.scalar_type(), "rmsnorm_bwd", [&](auto wv) {
+      using TW = decltype(wv);
+      using TO = promote_t<TX, TW>;
+      TORCH_CHECK(dy.scalar_type() == scalar_type_of<TO>(), "rmsnorm_bwd: dy dtype must be the forward output dtype");
+      constexpr int V = 16 / sizeof(TX);
+      const TX* ds_p = has_ds ? ds->data_ptr<TX>() : nullptr;
+      float* part_p = need_dw ? partial.data_ptr<float>() : nullptr;
+      const bool vec = H % V == 0 && vec_ok<TO, V>(dy.data_ptr<TO>()) && vec_ok<TX, V>(xs.data_ptr<TX>()) &&
+                       vec_ok<TW, V>(weight.data_ptr<TW>()) && vec_ok<TX, V>(dx.data_ptr<TX>()) &&
+                       (!has_ds || vec_ok<TX, V>(ds_p));
+      auto stream = c10::cuda::getCurrentCUDAStream();
+      auto launch = [&](auto kernel, int threads) {
+        if (smem > 48 * 1024)
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        kernel<<<blocks, threads, smem, stream>>>(dy.data_ptr<TO>(), xs.data_ptr<TX>(), weight.data_ptr<TW>(),
+                                                  rstd.data_ptr<float>(), ds_p, dx.data_ptr<TX>(), part_p, rows, H);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (vec) launch(rmsnorm_bwd_kernel<TX, TW, TO, V>, threads_for(H / V));
+      else launch(rmsnorm_bwd_kernel<TX, TW, TO, 1>, threads_for(H));
+    });
+  });
+  if (need_dw) dw = partial.sum(0).to(weight.scalar_type());
+  return {dx, dw};
+}
+
+}  // namespace sf

@@ -1,0 +1,212 @@
+"""Dispatching ops: the CUDA kernel when the tensors are on CUDA and the extension loaded, else
+the PyTorch reference (identical semantics; see ``reference.py``).
+
+The CUDA entry points are registered as ``torch.library`` custom ops (``shardformer::*``) with
+fake implementations, and the autograd Functions around them only call those ops, so
+``torch.compile`` traces through them without graph breaks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import cuda, reference
+from .cross_entropy import linear_cross_entropy as _linear_cross_entropy
+
+__all__ = ["rms_norm", "rms_norm_residual", "apply_rotary", "swiglu", "linear_cross_entropy"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _use_cuda(*tensors) -> bool:
+    return all(t.is_cuda and t.dtype in _FLOATS for t in tensors) and cuda.available()
+
+
+def _ext():
+    ext = cuda.load()
+    if ext is None:
+        raise RuntimeError("shardformer CUDA extension is not available")
+    return ext
+
+
+# --------------------------------------------------------------------------- custom ops (CUDA)
+@torch.library.custom_op("shardformer::rmsnorm_fwd", mutates_args=())
+def _rmsnorm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, s, rstd = _ext().rmsnorm_fwd(x, residual, weight, eps)
+    return y, s, rstd
+
+
+@_rmsnorm_fwd.register_fake
+def _(x, residual, weight, eps):
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape, dtype=out_dtype), s, x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("shardformer::rmsnorm_bwd", mutates_args=())
+def _rmsnorm_bwd(dy: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 ds: Optional[torch.Tensor], need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw = _ext().rmsnorm_bwd(dy, xs, weight, rstd, ds, need_dw)
+    return dx, dw
+
+
+@_rmsnorm_bwd.register_fake
+def _(dy, xs, weight, rstd, ds, need_dw):
+    return torch.empty_like(xs), torch.empty_like(weight)
+
+
+@torch.library.custom_op("shardformer::rotary", mutates_args=())
+def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    qo, ko = _ext().rotary(q, k, cos, sin, backward)
+    return qo, ko
+
+
+@_rotary.register_fake
+def _(q, k, cos, sin, backward):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.custom_op("shardformer::swiglu_fwd", mutates_args=())
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _ext().swiglu_fwd(gate, up)
+
+
+@_swiglu_fwd.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)
+
+
+@torch.library.custom_op("shardformer::swiglu_bwd", mutates_args=())
+def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dg, du = _ext().swiglu_bwd(dy, gate, up)
+    return dg, du
+
+
+@_swiglu_bwd.register_fake
+def _(dy, gate, up):
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
+# --------------------------------------------------------------------------- autograd wrappers
+class _RMSNorm(torch.autograd.Function):
+    """y = w * cast(x * rstd); with a residual, x is replaced by s = x + residual and s is returned."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        r2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
+        y, s, rstd = _rmsnorm_fwd(x2, r2, weight.contiguous(), eps)
+        ctx.has_res = residual is not None
+        ctx.shape = shape
+        ctx.save_for_backward(s if ctx.has_res else x2, weight, rstd)
+        if ctx.has_res:
+            return y.view(shape), s.view(shape)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        xs, weight, rstd = ctx.saved_tensors
+        h = ctx.shape[-1]
+        ds2 = ds.reshape(-1, h).contiguous() if ds is not None else None
+        dx, dw = _rmsnorm_bwd(dy.reshape(-1, h).contiguous(), xs, weight, rstd, ds2,
+                              ctx.needs_input_grad[2])
+        dx = dx.view(ctx.shape)
+        return dx, (dx if ctx.has_res else None), (dw if ctx.needs_input_grad[2] else None), None
+
+
+class _Rotary(torch.autograd.Function):
+    """q' = q*cos + rotate_half(q)*sin (same for k); backward applies the transposed rotation."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotary(q, k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk))
+        gq, gk = _rotary(dq, dk, cos, sin, True)
+        return gq, gk, None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """y = silu(g) * u;  dg = dy * u * s * (1 + g * (1 - s)), du = dy * silu(g), s = sigmoid(g)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        return _swiglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        return _swiglu_bwd(dy.contiguous(), gate, up)
+
+
+# --------------------------------------------------------------------------- public ops
+_RMS_MAX_H = 16384  # the backward keeps one fp32 row of dw per block in shared memory
+
+
+def _rms_cuda_ok(x, weight) -> bool:
+    return (_use_cuda(x, weight) and weight.dim() == 1 and weight.numel() == x.shape[-1]
+            and 0 < x.shape[-1] <= _RMS_MAX_H)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm`` forward; see ``reference.rms_norm``."""
+    if _rms_cuda_ok(x, weight):
+        return _RMSNorm.apply(x, None, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def rms_norm_residual(x, residual, weight, eps):
+    """``s = x + residual``; returns ``(rms_norm(s), s)``; see ``reference.rms_norm_residual``."""
+    if _rms_cuda_ok(x, weight) and residual.dtype == x.dtype and residual.shape == x.shape:
+        return _RMSNorm.apply(x, residual, weight, eps)
+    return reference.rms_norm_residual(x, residual, weight, eps)
+
+
+def apply_rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """HF ``apply_rotary_pos_emb``; the CUDA path takes 4-D q/k and 3-D cos/sin, even head_dim."""
+    ok = (_use_cuda(q, k, cos, sin) and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3
+          and unsqueeze_dim in (1, 2) and q.shape[-1] % 2 == 0 and len({q.dtype, k.dtype, cos.dtype, sin.dtype}) == 1
+          and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1] and not (cos.requires_grad or sin.requires_grad))
+    if not ok:
+        return reference.apply_rotary(q, k, cos, sin, unsqueeze_dim)
+    if unsqueeze_dim == 2:  # [B, S, H, D] -> [B, H, S, D] views, no copy
+        qo, ko = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 1)
+        return qo.transpose(1, 2), ko.transpose(1, 2)
+    b, s = max(q.shape[0], cos.shape[0]), q.shape[2]
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or cos.shape[1] != s or cos.shape[0] not in (1, b):
+        return reference.apply_rotary(q, k, cos, sin, unsqueeze_dim)
+    cos, sin = cos.expand(b, s, -1), sin.expand(b, s, -1)
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    return _Rotary.apply(q, k, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``."""
+    if _use_cuda(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape:
+        return _SwiGLU.apply(gate, up)
+    return reference.swiglu(gate, up)
+
+
+def linear_cross_entropy(hidden, weight, target, ignore_index: int = -100, reduction: str = "mean",
+                         chunk_size: int | None = None, process_group=None, vocab_start: int = 0,
+                         vocab_size: int | None = None):
+    """Chunked ``F.cross_entropy(hidden @ weight.T, target)``; see ``cross_entropy.py``."""
+    ext = cuda.load() if _use_cuda(hidden, weight) else None
+    return _linear_cross_entropy(hidden, weight, target, ignore_index, reduction, chunk_size,
+                                 process_group, vocab_start, vocab_size, _ext=ext)

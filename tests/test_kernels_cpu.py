@@ -1,0 +1,399 @@
+"""The PyTorch fallbacks of the fused kernels equal the HF code they replace (fp32, 1e-6).
+
+Oracles: ``LlamaRMSNorm``, ``apply_rotary_pos_emb``, ``LlamaMLP`` from transformers, and
+``F.cross_entropy`` on the full fp32 logits. Forward and every gradient, on odd shapes.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama import modeling_llama as ml
+
+from shardformer.kernels import (FusedRMSNorm, FusedSwiGLUMLP, cross_entropy, disable_fused_rotary,
+                                 enable_fused_rotary, ops, reference)
+
+TOL = dict(rtol=1e-6, atol=1e-6)
+SHAPES = [(5, 123), (2, 3, 64), (1, 7, 257)]
+
+
+def _close(a, b, tol=TOL):
+    torch.testing.assert_close(a, b, **tol)
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors, allow_unused=False)
+
+
+# --------------------------------------------------------------------------- RMSNorm
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rmsnorm_matches_hf(shape):
+    torch.manual_seed(0)
+    hf = ml.LlamaRMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        hf.weight.normal_()
+    fused = FusedRMSNorm.from_hf(hf)
+    assert fused.weight is hf.weight and fused.variance_epsilon == hf.variance_epsilon
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in hf.named_parameters()]
+    x = torch.randn(shape, requires_grad=True)
+    dy = torch.randn(shape)
+    want, got = hf(x), fused(x)
+    _close(got, want)
+    _close(_grads((got * dy).sum(), [x, hf.weight]), _grads((want * dy).sum(), [x, hf.weight]))
+
+
+def test_rmsnorm_low_precision_input_same_dtype_rules():
+    """bf16 input, fp32 weight: output fp32 exactly as HF (cast to bf16, then times weight)."""
+    torch.manual_seed(1)
+    hf = ml.LlamaRMSNorm(123)
+    x = torch.randn(5, 123).to(torch.bfloat16)
+    got, want = FusedRMSNorm.from_hf(hf)(x), hf(x)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rmsnorm_residual_matches_hf_pattern(shape):
+    torch.manual_seed(2)
+    hf = ml.LlamaRMSNorm(shape[-1])
+    with torch.no_grad():
+        hf.weight.normal_()
+    x = torch.randn(shape, requires_grad=True)
+    r = torch.randn(shape, requires_grad=True)
+    dy, ds = torch.randn(shape), torch.randn(shape)
+    s_want = r + x
+    y_want = hf(s_want)
+    y_got, s_got = FusedRMSNorm.from_hf(hf).forward_with_residual(x, r)
+    _close(y_got, y_want)
+    _close(s_got, s_want)
+    inputs = [x, r, hf.weight]
+    _close(_grads((y_got * dy).sum() + (s_got * ds).sum(), inputs),
+           _grads((y_want * dy).sum() + (s_want * ds).sum(), inputs))
+
+
+def test_rmsnorm_refuses_other_norms():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    norm = GemmaRMSNorm(16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    with pytest.raises(ValueError, match="GemmaRMSNorm"):
+        FusedRMSNorm.from_hf(norm)
+
+
+# --------------------------------------------------------------------------- rotary
+@pytest.mark.parametrize("b,hq,hk,s,d", [(1, 1, 1, 5, 123), (2, 3, 1, 5, 6), (2, 4, 2, 9, 64)])
+def test_rotary_matches_hf(b, hq, hk, s, d):
+    torch.manual_seed(3)
+    q = torch.randn(b, hq, s, d, requires_grad=True)
+    k = torch.randn(b, hk, s, d, requires_grad=True)
+    cos = torch.randn(b, s, d, requires_grad=True)
+    sin = torch.randn(b, s, d, requires_grad=True)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    want = ml.apply_rotary_pos_emb(q, k, cos, sin)
+    got = ops.apply_rotary(q, k, cos, sin)
+    _close(got, want)
+    inputs = [q, k, cos, sin]
+    _close(_grads((got[0] * dq).sum() + (got[1] * dk).sum(), inputs),
+           _grads((want[0] * dq).sum() + (want[1] * dk).sum(), inputs))
+
+
+def test_rotary_unsqueeze_dim_2():
+    torch.manual_seed(4)
+    q, k = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 1, 8)
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    _close(ops.apply_rotary(q, k, cos, sin, 2), ml.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2))
+
+
+def _tiny_llama(**kw):
+    cfg = dict(vocab_size=97, hidden_size=48, intermediate_size=37, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg.update(kw)
+    torch.manual_seed(5)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def test_enable_fused_rotary_routes_llama_attention(monkeypatch):
+    model = _tiny_llama()
+    ids = torch.randint(0, 97, (2, 11))
+    want = model(input_ids=ids).logits
+    calls = []
+    real = ops.apply_rotary
+    monkeypatch.setattr(ops, "apply_rotary", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        assert "transformers.models.llama.modeling_llama" in enable_fused_rotary(model)
+        assert enable_fused_rotary(model) == ["transformers.models.llama.modeling_llama"]  # idempotent
+        got = model(input_ids=ids).logits
+    finally:
+        disable_fused_rotary()
+    assert len(calls) == model.config.num_hidden_layers
+    assert ml.apply_rotary_pos_emb.__module__ == ml.__name__  # restored
+    _close(got, want)
+
+
+# --------------------------------------------------------------------------- SwiGLU MLP
+@pytest.mark.parametrize("hidden,inter,rows", [(123, 37, 5), (64, 160, 12)])
+def test_swiglu_mlp_matches_hf(hidden, inter, rows):
+    torch.manual_seed(6)
+    mlp = ml.LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=inter, hidden_act="silu",
+                                      num_attention_heads=1, num_key_value_heads=1, head_dim=4))
+    fused = FusedSwiGLUMLP.from_hf(mlp)
+    assert fused.gate_proj is mlp.gate_proj and fused.down_proj is mlp.down_proj
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in mlp.named_parameters()]
+    x = torch.randn(rows, hidden, requires_grad=True)
+    dy = torch.randn(rows, hidden)
+    want, got = mlp(x), fused(x)
+    _close(got, want)
+    inputs = [x] + list(mlp.parameters())
+    _close(_grads((got * dy).sum(), inputs), _grads((want * dy).sum(), inputs))
+
+
+def test_swiglu_op_matches_silu_product():
+    torch.manual_seed(7)
+    g = torch.randn(5, 123, requires_grad=True)
+    u = torch.randn(5, 123, requires_grad=True)
+    got, want = ops.swiglu(g, u), ml.ACT2FN["silu"](g) * u
+    _close(got, want)
+    _close(_grads(got.sum(), [g, u]), _grads(want.sum(), [g, u]))
+
+
+def test_swiglu_refuses_other_activations():
+    mlp = ml.LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=8, hidden_act="gelu",
+                                      num_attention_heads=1, num_key_value_heads=1, head_dim=4))
+    with pytest.raises(ValueError, match="config.hidden_act"):
+        FusedSwiGLUMLP.from_hf(mlp)
+
+
+# --------------------------------------------------------------------------- linear + cross-entropy
+def _ce_case(n, h, v, n_ignored, seed=8):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) / math.sqrt(h)).requires_grad_()
+    target = torch.randint(0, v, (n,), generator=gen)
+    target[torch.randperm(n, generator=gen)[:n_ignored]] = -100
+    return hidden, weight, target
+
+
+def _ce_oracle(hidden, weight, target, reduction, vocab=None):
+    logits = (hidden @ weight.t()).float()
+    if vocab is not None:
+        logits = logits[:, :vocab]
+    return F.cross_entropy(logits, target, ignore_index=-100, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk", [1, 4, 16, 37, 100, None])
+def test_linear_ce_matches_full_logits(reduction, chunk, monkeypatch):
+    hidden, weight, target = _ce_case(37, 23, 101, n_ignored=6)
+    rows = []
+    real = cross_entropy._chunk_logits
+    monkeypatch.setattr(cross_entropy, "_chunk_logits", lambda h, w: rows.append(h.shape[0]) or real(h, w))
+    got = ops.linear_cross_entropy(hidden, weight, target, reduction=reduction, chunk_size=chunk) * 2.5
+    want = _ce_oracle(hidden, weight, target, reduction) * 2.5
+    _close(got, want)
+    _close(_grads(got, [hidden, weight]), _grads(want, [hidden, weight]))
+    step = chunk or cross_entropy.default_chunk_size(37, 23, 101)
+    assert sum(rows) == 37 and max(rows) <= step and len(rows) == math.ceil(37 / step)
+    if chunk is not None and chunk < 37:
+        assert max(rows) < 37  # the full [N, V] logits never exist
+
+
+def test_linear_ce_all_ignored_is_nan_like_torch():
+    hidden, weight, target = _ce_case(5, 7, 11, n_ignored=5)
+    got = ops.linear_cross_entropy(hidden, weight, target, chunk_size=2)
+    want = _ce_oracle(hidden, weight, target, "mean")
+    assert torch.isnan(got) and torch.isnan(want)
+    assert all(torch.all(g == 0) for g in _grads(got, [hidden, weight]))
+
+
+def test_linear_ce_padded_vocab_excluded():
+    hidden, weight, target = _ce_case(9, 5, 13, n_ignored=2)
+    target = target.clamp(max=9)
+    got = ops.linear_cross_entropy(hidden, weight, target, chunk_size=4, vocab_size=10)
+    want = _ce_oracle(hidden, weight, target, "mean", vocab=10)
+    _close(got, want)
+    gh, gw = _grads(got, [hidden, weight])
+    wh, ww = _grads(want, [hidden, weight])
+    _close(gh, wh)
+    _close(gw, ww)
+    assert torch.all(gw[10:] == 0)
+
+
+def test_linear_ce_autocast_bf16_matches_lm_head_under_autocast():
+    hidden, weight, target = _ce_case(11, 16, 29, n_ignored=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.linear_cross_entropy(hidden, weight, target, chunk_size=3)
+        want = F.cross_entropy((hidden @ weight.t()).float(), target)
+    assert want.dtype == torch.float32
+    _close(got, want, dict(rtol=1e-5, atol=1e-5))  # same bf16 logits; only fp32 summation order differs
+    for g, w in zip(_grads(got, [hidden, weight]), _grads(want, [hidden, weight])):
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)  # bf16 matmuls in both
+
+
+def test_linear_ce_rejects_reduction_none():
+    hidden, weight, target = _ce_case(4, 3, 5, n_ignored=0)
+    with pytest.raises(ValueError, match="reduction"):
+        ops.linear_cross_entropy(hidden, weight, target, reduction="none")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 20), v=st.integers(2, 30), chunk=st.integers(1, 25), ign=st.integers(0, 5),
+       mean=st.booleans())
+def test_linear_ce_property(n, v, chunk, ign, mean):
+    reduction = "mean" if mean else "sum"
+    hidden, weight, target = _ce_case(n, 6, v, n_ignored=min(ign, n - 1), seed=n * 31 + v)
+    got = ops.linear_cross_entropy(hidden, weight, target, reduction=reduction, chunk_size=chunk)
+    want = _ce_oracle(hidden, weight, target, reduction)
+    _close(got, want)
+    _close(_grads(got, [hidden, weight]), _grads(want, [hidden, weight]))
+
+
+def _vocab_parallel_worker(rank, world, init_file, reduction):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        v, vocab_true = 26, 23  # 26 rows (padded to divide by world=2), 23 real
+        hidden, weight, target = _ce_case(13, 7, v, n_ignored=3)
+        target = target.clamp(max=vocab_true - 1)
+        shard = v // world
+        w_local = weight.detach()[rank * shard:(rank + 1) * shard].clone().requires_grad_()
+        got = ops.linear_cross_entropy(hidden, w_local, target, reduction=reduction, chunk_size=4,
+                                       process_group=dist.group.WORLD, vocab_start=rank * shard,
+                                       vocab_size=vocab_true)
+        want = _ce_oracle(hidden, weight, target, reduction, vocab=vocab_true)
+        _close(got, want)
+        gh, gw = _grads(got, [hidden, w_local])
+        wh, ww = _grads(want, [hidden, weight])
+        _close(gh, wh)
+        _close(gw, ww[rank * shard:(rank + 1) * shard])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_ce_vocab_parallel_gloo(reduction, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_vocab_parallel_worker, args=(2, str(tmp_path / "init"), reduction), nprocs=2,
+                       start_method="spawn")
+
+
+# --------------------------------------------------------------------------- CUDA wrappers, mocked
+class _FakeExt:
+    """The C++ extension's API re-implemented with the kernels' explicit formulas (not autograd).
+
+    Lets the CPU suite check ops.py's autograd/custom-op wiring and the hand-derived backward
+    formulas that csrc/ implements, against HF's autograd.
+    """
+
+    @staticmethod
+    def rmsnorm_fwd(x, residual, w, eps):
+        s = (x.float() + residual.float()).to(x.dtype) if residual is not None else x
+        rstd = torch.rsqrt(s.float().pow(2).mean(-1) + eps)
+        y = (s.float() * rstd[:, None]).to(x.dtype).float() * w.float()
+        out = y.to(torch.promote_types(x.dtype, w.dtype))
+        return out, (s if residual is not None else x.new_empty(0)), rstd
+
+    @staticmethod
+    def rmsnorm_bwd(dy, xs, w, rstd, ds, need_dw):
+        g = (dy.float() * w.float()).to(xs.dtype).float()
+        xh = xs.float() * rstd[:, None]
+        c = (g * xh).mean(-1, keepdim=True)
+        dx = rstd[:, None] * (g - xh * c) + (ds.float() if ds is not None else 0)
+        dw = (dy.float() * xh.to(xs.dtype).float()).sum(0).to(w.dtype)
+        return dx.to(xs.dtype), dw
+
+    @staticmethod
+    def rotary(q, k, cos, sin, backward):
+        def one(x):
+            h = x.shape[-1] // 2
+            x1, x2 = x[..., :h], x[..., h:]
+            c, s = cos[:, None], sin[:, None]
+            c1, c2, s1, s2 = c[..., :h], c[..., h:], s[..., :h], s[..., h:]
+            if backward:
+                return torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), -1)
+            return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), -1)
+        return one(q), one(k)
+
+    @staticmethod
+    def swiglu_fwd(g, u):
+        return g * torch.sigmoid(g) * u
+
+    @staticmethod
+    def swiglu_bwd(dy, g, u):
+        s = torch.sigmoid(g)
+        return dy * u * s * (1 + g * (1 - s)), dy * g * s
+
+    ce_chunk_stats = staticmethod(cross_entropy.ce_chunk_stats)
+
+    @staticmethod
+    def ce_chunk_grad_(logits, lse, tl, vocab_valid, row_scale):
+        logits.copy_(cross_entropy.ce_chunk_grad(logits, lse, tl, vocab_valid, row_scale))
+        return logits
+
+    @staticmethod
+    def linear_ce_forward(hidden, weight, target, ignore_index, chunk, mean, vocab_valid, need_h, need_w):
+        loss, gh, gw = cross_entropy._loop(hidden, weight, target, ignore_index, chunk, mean, need_h, need_w,
+                                           None, 0, vocab_valid, weight.dtype, _FakeExt.ce_chunk_stats,
+                                           _FakeExt.ce_chunk_grad_)
+        empty = hidden.new_empty(0, dtype=torch.float32)
+        return loss, gh if gh is not None else empty, gw if gw is not None else empty
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    from shardformer.kernels import cuda
+
+    monkeypatch.setattr(cuda, "load", lambda: _FakeExt)
+    monkeypatch.setattr(ops, "_use_cuda", lambda *t: True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_wrappers_rmsnorm_via_fake_ext(fake_cuda, shape):
+    test_rmsnorm_matches_hf(shape)
+    test_rmsnorm_residual_matches_hf_pattern(shape)
+
+
+def test_wrappers_rotary_and_swiglu_via_fake_ext(fake_cuda):
+    torch.manual_seed(9)
+    q = torch.randn(2, 5, 12, requires_grad=True)  # HF layout: [B, S, H*D] -> [B, H, S, D] view
+    k = torch.randn(2, 5, 4, requires_grad=True)
+    qv, kv = q.view(2, 5, 3, 4).transpose(1, 2), k.view(2, 5, 1, 4).transpose(1, 2)
+    cos, sin = torch.randn(1, 5, 4), torch.randn(1, 5, 4)
+    got, want = ops.apply_rotary(qv, kv, cos, sin), ml.apply_rotary_pos_emb(qv, kv, cos, sin)
+    _close(got, want)
+    cots = [torch.randn_like(t) for t in want]
+    _close(torch.autograd.grad(got, [q, k], cots), torch.autograd.grad(want, [q, k], cots))
+    q4, k4 = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 1, 4)
+    _close(ops.apply_rotary(q4, k4, cos, sin, 2), ml.apply_rotary_pos_emb(q4, k4, cos, sin, unsqueeze_dim=2))
+    test_swiglu_op_matches_silu_product()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_wrappers_linear_ce_via_fake_ext(fake_cuda, reduction):
+    test_linear_ce_matches_full_logits(reduction, 5, pytest.MonkeyPatch())
+
+
+def test_wrappers_compile_fullgraph_via_fake_ext(fake_cuda):
+    """The custom ops' fake kernels let torch.compile trace rms_norm/swiglu/rotary in one graph."""
+    torch.manual_seed(10)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    cos, sin = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+
+    def f(x, w):
+        y = ops.swiglu(ops.rms_norm(x, w, 1e-6), x)
+        q = y.view(3, 5, 2, 8).transpose(1, 2)
+        qo, ko = ops.apply_rotary(q, q[:, :1] * 3, cos, sin)  # distinct tensors (dynamo needs that)
+        return qo.sum() + 2 * ko.sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w)
+    want = f(x, w)
+    _close(got, want)
+    _close(torch.autograd.grad(got, [x, w]), torch.autograd.grad(want, [x, w]))
