@@ -50,8 +50,11 @@ class GradReducer:
     replicated across ranks."""
 
     def __init__(self, model: torch.nn.Module, mesh: DeviceMesh, bucket_mb: float = 25.0):
+        """Buckets of about `bucket_mb` MiB per (reduce group, dtype); hooks on every reduced param."""
         self.enabled = True
         self._queued = False
+        # buckets launched while backward was still running vs at its end (overlap evidence)
+        self.launches = {"during_backward": 0, "at_end": 0}
         dp = mesh.size(mesh.mesh_dim_names.index("dp"))
         dp_group = mesh.get_group("dp") if dp > 1 else None
         groups = {}
@@ -78,9 +81,14 @@ class GradReducer:
                     current, size = [], 0
             if current:
                 self._add_bucket(current, group, dp)
-        for bucket in self.buckets:
-            for p in bucket.params:
-                p.register_post_accumulate_grad_hook(self._on_grad)
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
+                         for bucket in self.buckets for p in bucket.params]
+
+    def remove(self):
+        """Detach the gradient hooks (the gradients are then no longer reduced)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _add_bucket(self, params, group, dp):
         bucket = _Bucket(params, group, dp)
@@ -111,6 +119,7 @@ class GradReducer:
         bucket.ready += 1
         if bucket.ready == len(bucket.params):
             self._launch(bucket)
+            self.launches["during_backward"] += 1
 
     def _launch(self, bucket: _Bucket):
         bucket.had_grad = [p.grad is not None for p in bucket.params]
@@ -124,6 +133,7 @@ class GradReducer:
         for bucket in self.buckets:
             if bucket.work is None:
                 self._launch(bucket)
+                self.launches["at_end"] += 1
         for bucket in self.buckets:
             bucket.work.wait()
             bucket.flat.div_(bucket.divisor)
