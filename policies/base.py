@@ -36,6 +36,9 @@ class Policy:
         fused_mlp: the gate/up/down MLP in each layer that the fused SwiGLU may replace.
         fused_rotary: route the family's `apply_rotary_pos_emb` to the fused rotary kernel
             (only when the CUDA extension is loaded).
+        fused_lm_loss: in training with labels, compute the causal-LM loss with the fused
+            linear + cross-entropy from the LM head's input (logits never materialised; the
+            output's `logits` is then None). Only for heads whose logits go straight to the loss.
         optional: entries above allowed to match nothing in a given model.
     """
 
@@ -56,6 +59,7 @@ class Policy:
     final_norm: ClassVar[str | None] = None
     fused_mlp: ClassVar[str | None] = None
     fused_rotary: ClassVar[bool] = False
+    fused_lm_loss: ClassVar[bool] = False
     optional: ClassVar[tuple[str, ...]] = ()
 
     @property

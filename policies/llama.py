@@ -21,6 +21,7 @@ class LlamaPolicy(Policy):
     final_norm = "norm"
     fused_mlp = "mlp"
     fused_rotary = True
+    fused_lm_loss = True
 
 
 @register_policy

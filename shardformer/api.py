@@ -15,6 +15,7 @@ from .config import ShardConfig
 from .data_parallel import GradReducer
 from .grad_clip import clip_grad_norm_
 from .kernels.apply import apply_fused_kernels
+from .kernels.fused_loss import install_fused_lm_loss
 from .layers.comm import all_reduce_no_grad
 from .layers.linear import VocabParallelLMHead
 from .mesh import build_mesh, check_world, require_process_group
@@ -57,7 +58,8 @@ def _gather_logits_without_labels(head: VocabParallelLMHead):
     with labels, logits stay vocab-split (this rank's slice), so training never gathers them."""
 
     def hook(module, args, kwargs, output):
-        if kwargs.get("labels") is not None or getattr(output, "logits", None) is None:
+        if (kwargs.get("labels") is not None or getattr(output, "logits", None) is None
+                or getattr(head, "sf_pending", None) is not None):  # the fused loss took the labels
             return output
         output.logits = head.gather_logits(output.logits)
         return output
@@ -108,5 +110,7 @@ def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None 
     if plan.head_path is not None:
         head = model.get_submodule(plan.head_path)
         model.register_forward_hook(_gather_logits_without_labels(head), with_kwargs=True)
+        if config.enable_fused_kernels and policy.fused_lm_loss:
+            install_fused_lm_loss(model, head)
     model.__class__ = _sharded_class(type(model))
     return model

@@ -118,8 +118,8 @@ def test_without_fused_kernels(pools, tp):
 
 
 def check_logits_without_labels(tp):
-    """Without labels the user gets full-vocabulary logits (no padding); with labels the logits
-    stay this rank's vocab slice."""
+    """Without labels the user gets full-vocabulary logits (no padding); with labels in eval mode
+    the logits stay this rank's vocab slice; in training with fused kernels there are none."""
     ref = build("llama", tied=True)
     model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(tp_size=tp))
     ids, labels = batch(2)
@@ -128,6 +128,10 @@ def check_logits_without_labels(tp):
     err = rel_err(full, ref(input_ids=ids).logits)
     assert err <= TOL, err
     head = model.lm_head
+    train_out = model(input_ids=ids, labels=labels)
+    assert train_out.logits is None and train_out[0] is train_out.loss  # fused linear + CE
+    assert rel_err(train_out.loss, ref(input_ids=ids, labels=labels).loss) <= TOL
+    model.eval(), ref.eval()
     local = model(input_ids=ids, labels=labels).logits
     assert local.shape[-1] == head.vocab_valid
     expect = ref(input_ids=ids).logits[..., head.vocab_start:head.vocab_start + head.vocab_valid]
@@ -139,6 +143,31 @@ def check_logits_without_labels(tp):
 
 def test_logits(pools):
     pools(4).run(check_logits_without_labels, 4)
+
+
+def check_loss_kwargs(tp, fused):
+    """transformers' loss arguments keep their meaning: num_items_in_batch (sum / count),
+    shift_labels (targets as given), in the fused and the unfused vocab-parallel loss."""
+    ref = build("llama", tied=False)
+    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(tp_size=tp, enable_fused_kernels=fused))
+    ids, labels = batch(2)
+    shifted = torch.roll(labels, -1, dims=1)
+    for extra in ({"num_items_in_batch": torch.tensor(7)}, {"shift_labels": shifted}, {}):
+        got = model(input_ids=ids, labels=labels, **extra)
+        want = ref(input_ids=ids, labels=labels, **extra)
+        assert (got.logits is None) == fused
+        assert rel_err(got.loss, want.loss) <= TOL, (extra.keys(), got.loss, want.loss)
+        got.loss.backward()
+        want.loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p, spec in sharded_parameters(model):
+        assert rel_err(gather_full(p.grad, spec, model.sf_mesh.get_group("tp")), ref_grads[name].grad) <= TOL, name
+    return True
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_loss_arguments(pools, fused):
+    pools(2).run(check_loss_kwargs, 2, fused)
 
 
 def check_clip_and_accumulation(tp):

@@ -28,6 +28,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from ..layers.comm import all_reduce_no_grad
+
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyFunction", "default_chunk_size"]
 
 
@@ -92,12 +94,10 @@ def _loop(hidden, weight, target, ignore_index, chunk_size, mean, need_h, need_w
         tl = torch.where(here, tl, torch.full_like(tl, -1))
         logits = _chunk_logits(h, w)
         m, s, zt = stats_fn(logits, tl, vocab_valid)
-        if group is not None:
-            gm = m.clone()
-            dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=group)
-            s = s * torch.exp(m - gm)
-            dist.all_reduce(s, group=group)
-            dist.all_reduce(zt, group=group)
+        if group is not None:  # functional collectives: traceable by torch.compile
+            gm = all_reduce_no_grad(m, group, "max")
+            s = all_reduce_no_grad(s * torch.exp(m - gm), group, "sum")
+            zt = all_reduce_no_grad(zt, group, "sum")
             m = gm
         lse = m + torch.log(s)
         loss = loss + torch.where(valid, lse - zt, torch.zeros_like(lse)).sum()
@@ -111,7 +111,7 @@ def _loop(hidden, weight, target, ignore_index, chunk_size, mean, need_h, need_w
             del g
         del logits
     if need_h and group is not None:
-        dist.all_reduce(grad_h, group=group)
+        grad_h = all_reduce_no_grad(grad_h, group, "sum")
     loss = loss / n_valid if mean else loss
     return loss, grad_h, grad_w
 

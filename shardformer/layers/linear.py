@@ -102,7 +102,12 @@ class VocabParallelLMHead(ColumnParallelLinear):
             bias = _param_like(linear.bias, split_tensor(linear.bias.detach(), spec, tp_rank))
         return cls(weight, bias, spec, group, tp_rank)
 
+    sf_capture = False  # set by the fused LM loss (kernels/fused_loss.py) for one call
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sf_capture:  # the fused loss computes logits chunk by chunk from x itself
+            self.sf_captured = x
+            return x.new_empty(*x.shape[:-1], 0)
         logits = super().forward(x)
         if self.vocab_valid < self.out_features:
             logits = logits[..., : self.vocab_valid]

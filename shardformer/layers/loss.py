@@ -52,6 +52,23 @@ def vocab_parallel_cross_entropy(logits, target, vocab_start: int, group, ignore
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, group, ignore_index)
 
 
+def shift_causal_labels(labels, shift_labels=None, ignore_index: int = -100):
+    """Flat targets of a causal LM, as transformers builds them: `labels` shifted left by one with
+    `ignore_index` appended, or `shift_labels` as given."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1)
+
+
+def reduce_token_losses(total, targets, num_items_in_batch=None, ignore_index: int = -100):
+    """transformers' reduction of a summed token loss: / #non-ignored targets, or / num_items_in_batch."""
+    if num_items_in_batch is None:
+        return total / (targets != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
 def causal_lm_loss(
     logits,
     labels,
@@ -65,14 +82,7 @@ def causal_lm_loss(
 ):
     """transformers' causal-LM loss computed on `head`'s vocab-split logits (see module docstring)."""
     logits = logits.float()
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     logits = logits.reshape(-1, logits.shape[-1])
-    shift_labels = shift_labels.reshape(-1).to(logits.device)
-    per_row = vocab_parallel_cross_entropy(logits, shift_labels, head.vocab_start, head.group, ignore_index)
-    total = per_row.sum()
-    if num_items_in_batch is None:
-        return total / (shift_labels != ignore_index).sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    targets = shift_causal_labels(labels, shift_labels, ignore_index).to(logits.device)
+    per_row = vocab_parallel_cross_entropy(logits, targets, head.vocab_start, head.group, ignore_index)
+    return reduce_token_losses(per_row.sum(), targets, num_items_in_batch, ignore_index)
