@@ -5,6 +5,7 @@ import copy
 from unittest import mock
 
 import pytest
+import torch
 import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -100,3 +101,22 @@ def test_config_validates_itself(field, value):
 def test_unbuilt_features_are_named(field, value):
     with pytest.raises(NotImplementedError, match=f"ShardConfig.{field}"):
         sf.ShardConfig(**{field: value})
+
+
+def check_out_of_range_ids(fused):
+    """An id or label >= vocab_size raises (as HF's nn.Embedding / F.cross_entropy do) instead of
+    being looked up as zeros / ignored by the vocab-split layers."""
+    model = sf.shard_model(build("llama"), config=sf.ShardConfig(tp_size=2, enable_fused_kernels=fused))
+    ids = torch.ones(1, 6, dtype=torch.long)
+    bad = ids.clone()
+    bad[0, 2] = 250
+    with pytest.raises(RuntimeError, match="input id out of range"):
+        model(input_ids=bad)
+    with pytest.raises(RuntimeError, match="label out of range"):
+        model(input_ids=ids, labels=bad)
+    return True
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_out_of_range_ids_raise(pools, fused):
+    pools(2).run(check_out_of_range_ids, fused)

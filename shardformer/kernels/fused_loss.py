@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.comm import group_size
-from ..layers.loss import reduce_token_losses, shift_causal_labels
+from ..layers.loss import check_targets, reduce_token_losses, shift_causal_labels
 from .ops import linear_cross_entropy
 
 _TAKEN = ("labels", "shift_labels", "num_items_in_batch", "ignore_index")
@@ -43,6 +43,7 @@ def install_fused_lm_loss(model: torch.nn.Module, head) -> None:
         ignore_index = pending.get("ignore_index", -100)
         targets = shift_causal_labels(pending["labels"], pending.get("shift_labels"), ignore_index)
         targets = targets.to(hidden.device)
+        check_targets(targets, head.vocab_size, ignore_index)
         num_items = pending.get("num_items_in_batch")
         total_or_mean = linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), head.weight, targets, ignore_index=ignore_index,

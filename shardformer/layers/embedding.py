@@ -43,6 +43,10 @@ class VocabParallelEmbedding(nn.Module):
         return cls(weight, spec, group, tp_rank, emb.padding_idx)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # nn.Embedding raises on an out-of-range id; a vocab slice would silently look up zeros.
+        # _assert_async: raises at once on CPU, a device-side assert on CUDA, no host sync.
+        torch._assert_async(((input_ids >= 0) & (input_ids < self.num_embeddings)).all(),
+                            f"input id out of range for an embedding of {self.num_embeddings} tokens")
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
         out = F.embedding(local.masked_fill(outside, 0), self.weight, self._local_padding_idx)

@@ -60,6 +60,13 @@ def shift_causal_labels(labels, shift_labels=None, ignore_index: int = -100):
     return shift_labels.reshape(-1)
 
 
+def check_targets(targets, vocab_size: int, ignore_index: int = -100) -> None:
+    """Raise (device-side on CUDA, no host sync) on a target outside [0, vocab_size) that is not
+    ignore_index, as F.cross_entropy does; a vocab-split loss would otherwise ignore it silently."""
+    ok = ((targets >= 0) & (targets < vocab_size)) | (targets == ignore_index)
+    torch._assert_async(ok.all(), f"label out of range for a vocabulary of {vocab_size} tokens")
+
+
 def reduce_token_losses(total, targets, num_items_in_batch=None, ignore_index: int = -100):
     """transformers' reduction of a summed token loss: / #non-ignored targets, or / num_items_in_batch."""
     if num_items_in_batch is None:
@@ -84,5 +91,6 @@ def causal_lm_loss(
     logits = logits.float()
     logits = logits.reshape(-1, logits.shape[-1])
     targets = shift_causal_labels(labels, shift_labels, ignore_index).to(logits.device)
+    check_targets(targets, head.vocab_size, ignore_index)
     per_row = vocab_parallel_cross_entropy(logits, targets, head.vocab_start, head.group, ignore_index)
     return reduce_token_losses(per_row.sum(), targets, num_items_in_batch, ignore_index)
