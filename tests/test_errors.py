@@ -114,6 +114,9 @@ def check_out_of_range_ids(fused):
         model(input_ids=bad)
     with pytest.raises(RuntimeError, match="label out of range"):
         model(input_ids=ids, labels=bad)
+    with pytest.raises(RuntimeError, match="input id out of range"):  # raises inside a fused-loss call
+        model(input_ids=bad, labels=ids)
+    assert model(input_ids=ids).logits.shape == (1, 6, 250)  # nothing left over from the failed calls
     return True
 
 

@@ -27,6 +27,7 @@ def install_fused_lm_loss(model: torch.nn.Module, head) -> None:
     (a `VocabParallelLMHead`); see the module docstring."""
 
     def before(module, args, kwargs):
+        head.sf_pending, head.sf_capture, head.sf_captured = None, False, None  # a call that raised
         if (kwargs.get("labels") is None or not module.training or not torch.is_grad_enabled()
                 or kwargs.get("return_dict") is False or kwargs.get("logits_to_keep", 0) != 0):
             return None
