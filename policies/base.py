@@ -24,6 +24,9 @@ class Policy:
             model has an output projection elsewhere.
         column_parallel: `nn.Linear`s in each layer whose output features are split.
         row_parallel: `nn.Linear`s in each layer whose input features are split.
+        tp_input_copies: per layer, {module: column-parallel linears}: the module's output is the
+            sole input of those linears, so it is handed to the tp group once there (one
+            all-reduce of its gradient in backward) instead of once per linear.
         query_projections / kv_projections: which of `column_parallel` carry query heads and
             key/value heads (KV heads are replicated when tp exceeds their number).
         attention: the attention module in each layer.
@@ -48,6 +51,7 @@ class Policy:
     lm_head: ClassVar[str] = "lm_head"
     column_parallel: ClassVar[tuple[str, ...]] = ()
     row_parallel: ClassVar[tuple[str, ...]] = ()
+    tp_input_copies: ClassVar[dict[str, tuple[str, ...]]] = {}
     query_projections: ClassVar[tuple[str, ...]] = ()
     kv_projections: ClassVar[tuple[str, ...]] = ()
     attention: ClassVar[str] = "self_attn"

@@ -15,6 +15,8 @@ class LlamaPolicy(Policy):
     kv_projections = ("self_attn.k_proj", "self_attn.v_proj")
     column_parallel = query_projections + kv_projections + ("mlp.gate_proj", "mlp.up_proj")
     row_parallel = ("self_attn.o_proj", "mlp.down_proj")
+    tp_input_copies = {"input_layernorm": query_projections + kv_projections,
+                       "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
     attention = "self_attn"
     attention_local_attrs = {"num_key_value_groups": "groups"}
     fused_norms = ("input_layernorm", "post_attention_layernorm")

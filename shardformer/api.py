@@ -3,9 +3,13 @@
 The model object itself is sharded in place and returned: its class becomes a subclass of the
 original (same name) that adds `forward_backward`, `clip_grad_norm_` and `no_sync`; `forward`
 is still the HF call with the HF output, parameter names are unchanged, `generate` still works.
+The subclass's `forward` wraps the HF one (same signature) to run shardformer's output
+handling (logits gather, fused loss), so `model(...)` and `model.forward(...)` behave the same.
 Everything that can be wrong is checked before the first collective.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -46,25 +50,52 @@ class ShardedModelMixin:
 
 
 def _sharded_class(cls: type) -> type:
-    if issubclass(cls, ShardedModelMixin):
-        return cls
-    sharded = type(cls.__name__, (ShardedModelMixin, cls), {"__module__": cls.__module__})
+    """A subclass of `cls` with the same name whose forward runs `model.sf_pre_hooks` /
+    `sf_post_hooks` (same calling convention as nn.Module forward hooks with kwargs) around it."""
+    base_forward = cls.forward
+
+    @functools.wraps(base_forward)
+    def forward(self, *args, **kwargs):
+        for hook in self.sf_pre_hooks:
+            changed = hook(self, args, kwargs)
+            if changed is not None:
+                args, kwargs = changed
+        output = base_forward(self, *args, **kwargs)
+        for hook in self.sf_post_hooks:
+            changed = hook(self, args, kwargs, output)
+            if changed is not None:
+                output = changed
+        return output
+
+    sharded = type(cls.__name__, (ShardedModelMixin, cls), {"__module__": cls.__module__, "forward": forward})
     sharded.__qualname__ = cls.__qualname__
     return sharded
 
 
 def _gather_logits_without_labels(head: VocabParallelLMHead):
-    """Forward hook: an output without labels (inference, generate) gets full-vocabulary logits;
+    """Post hook: an output without labels (inference, generate) gets full-vocabulary logits;
     with labels, logits stay vocab-split (this rank's slice), so training never gathers them."""
 
     def hook(module, args, kwargs, output):
-        if (kwargs.get("labels") is not None or getattr(output, "logits", None) is None
-                or getattr(head, "sf_pending", None) is not None):  # the fused loss took the labels
+        if kwargs.get("labels") is not None or getattr(head, "sf_pending", None) is not None:
+            return output  # labels given (or taken by the fused loss): logits stay split
+        if isinstance(output, tuple):  # return_dict=False without labels: logits come first
+            return (head.gather_logits(output[0]),) + output[1:] if output and output[0] is not None else output
+        if getattr(output, "logits", None) is None:
             return output
         output.logits = head.gather_logits(output.logits)
         return output
 
     return hook
+
+
+def _enable_checkpointing(model) -> None:
+    """transformers' own activation checkpointing (its newer name first; 5.17 has only the old)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None = None) -> torch.nn.Module:
@@ -104,12 +135,13 @@ def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None 
     tp_group = mesh.get_group("tp")
     apply_tensor_parallel(model, plan, policy, tp_group, mesh.get_local_rank("tp"))
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
     model.sf_mesh, model.sf_config, model.sf_policy = mesh, config, policy
     model.sf_grad_reducer = GradReducer(model, mesh)
+    model.sf_pre_hooks, model.sf_post_hooks = [], []
     if plan.head_path is not None:
         head = model.get_submodule(plan.head_path)
-        model.register_forward_hook(_gather_logits_without_labels(head), with_kwargs=True)
+        model.sf_post_hooks.append(_gather_logits_without_labels(head))
         if config.enable_fused_kernels and policy.fused_lm_loss:
             install_fused_lm_loss(model, head)
     model.__class__ = _sharded_class(type(model))

@@ -25,15 +25,18 @@ def gather_full(tensor: torch.Tensor, spec, group) -> torch.Tensor:
 
 
 @torch.no_grad()
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded model's state dict, on every rank (a collective over the tp group)."""
+def full_state_dict(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The unsharded model's state dict (a collective over the tp group, one tensor at a time).
+    A rank with `keep=False` takes part in the gathers but keeps nothing (returns {})."""
     group = model.sf_mesh.get_group("tp")
     specs = {name: spec for name, _, spec in sharded_parameters(model)}
     full, done = {}, {}  # done: id(tensor) -> gathered, so tied weights stay one tensor
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) not in done:
-            done[id(tensor)] = gather_full(tensor, specs.get(name), group).cpu()
-        full[name] = done[id(tensor)]
+            gathered = gather_full(tensor, specs.get(name), group)
+            done[id(tensor)] = gathered.cpu() if keep else None
+        if keep:
+            full[name] = done[id(tensor)]
     return full
 
 
@@ -44,7 +47,7 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, *
     """
     if not hasattr(model, "sf_mesh"):
         raise ValueError("sf.save_pretrained expects a model returned by sf.shard_model")
-    state = full_state_dict(model)
+    state = full_state_dict(model, keep=dist.get_rank() == 0)  # only the writer holds the full model
     if dist.get_rank() == 0:
         model.save_pretrained(save_directory, state_dict=state, **kwargs)
     dist.barrier()

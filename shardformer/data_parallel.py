@@ -13,7 +13,7 @@ Under `no_sync()` gradients just accumulate locally, as with DDP.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,6 @@ class _Bucket:
     ready: int = 0
     flat: torch.Tensor | None = None
     work: object = None
-    had_grad: list = field(default_factory=list)
 
 
 def _replica_groups(mesh: DeviceMesh, replicas: int):
@@ -122,10 +121,12 @@ class GradReducer:
             self.launches["during_backward"] += 1
 
     def _launch(self, bucket: _Bucket):
-        bucket.had_grad = [p.grad is not None for p in bucket.params]
+        # one extra entry per parameter counts the ranks that had a gradient, so that every
+        # replica makes the same choice between "None" and "the reduced gradient"
+        had = [p.grad is not None for p in bucket.params]
         bucket.flat = torch.cat([
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket.params
-        ])
+        ] + [torch.tensor(had, dtype=bucket.params[0].dtype, device=bucket.params[0].device)])
         bucket.work = dist.all_reduce(bucket.flat, group=bucket.group, async_op=True)
 
     def _finish(self):
@@ -136,14 +137,16 @@ class GradReducer:
                 self.launches["at_end"] += 1
         for bucket in self.buckets:
             bucket.work.wait()
+            n = len(bucket.params)
+            anyone_had = bucket.flat[-n:].tolist()
             bucket.flat.div_(bucket.divisor)
             offset = 0
-            for p, had in zip(bucket.params, bucket.had_grad):
+            for p, had_somewhere in zip(bucket.params, anyone_had):
                 reduced = bucket.flat[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
-                if had:
+                if p.grad is not None:
                     p.grad.copy_(reduced)
-                elif reduced.any():
+                elif had_somewhere:
                     p.grad = reduced.clone()
             bucket.ready, bucket.flat, bucket.work = 0, None, None
         self._queued = False

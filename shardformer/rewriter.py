@@ -16,6 +16,7 @@ from functools import partial
 
 from torch import nn
 
+from .layers.comm import copy_to_group
 from .layers.embedding import VocabParallelEmbedding
 from .layers.linear import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
 from .layers.loss import causal_lm_loss
@@ -35,6 +36,7 @@ class TensorParallelPlan:
     specs: dict[str, ShardSpec] = field(default_factory=dict)  # linear path -> spec of its weight
     kinds: dict[str, str] = field(default_factory=dict)  # linear path -> "column" | "row"
     attention_attrs: dict[str, dict[str, int]] = field(default_factory=dict)  # module path -> attrs
+    input_copies: dict[str, list[str]] = field(default_factory=dict)  # producer path -> linear paths
     vocab_spec: ShardSpec | None = None
 
 
@@ -90,6 +92,7 @@ def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPla
         raise _err(policy, "layers", policy.layers, f"is empty in {base_name}")
 
     plan = TensorParallelPlan(tp, base_prefix, base_prefix + policy.layers, base_prefix + policy.embedding, None, False)
+    VocabParallelEmbedding.check_supported(embedding, base_prefix + policy.embedding)
     vocab = embedding.num_embeddings
     if vocab < tp:
         raise ValueError(f"ShardConfig.tp_size={tp} exceeds model.config.vocab_size={vocab}")
@@ -132,6 +135,12 @@ def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPla
                         raise _div_error(tp, path + ".out_features", linear.out_features)
                     spec = ShardSpec(0, linear.out_features, tp)
                 plan.specs[path], plan.kinds[path] = spec, kind
+        for owner, linears in policy.tp_input_copies.items():
+            _resolve(layer, owner, f"{layers_path}.{i}", policy, "tp_input_copies")
+            targets = [prefix + entry for entry in linears if prefix + entry in plan.specs]
+            if any(plan.kinds[t] != "column" for t in targets) or not set(linears) <= set(policy.column_parallel):
+                raise _err(policy, "tp_input_copies", owner, "must list column_parallel entries only")
+            plan.input_copies[prefix + owner] = targets
         attention = _resolve(layer, policy.attention, f"{layers_path}.{i}", policy, "attention")
         local = {"q_heads": heads // tp, "kv_heads": kv_heads // kv_shards}
         local["groups"] = local["q_heads"] // local["kv_heads"]
@@ -149,11 +158,24 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
 
 
+def _copy_output_to(group):
+    """Forward hook: hand the module's output to the tp group (gradient all-reduced in backward)."""
+
+    def hook(module, args, output):
+        return copy_to_group(output, group)
+
+    return hook
+
+
 def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, policy, group, tp_rank: int) -> None:
     """Substitute the planned modules (see module docstring)."""
     for path, spec in plan.specs.items():
         cls = ColumnParallelLinear if plan.kinds[path] == "column" else RowParallelLinear
         _replace(model, path, cls.from_linear(model.get_submodule(path), spec, group, tp_rank))
+    for owner, linears in plan.input_copies.items():
+        model.get_submodule(owner).register_forward_hook(_copy_output_to(group))
+        for path in linears:
+            model.get_submodule(path).copy_input = False
     for path, attrs in plan.attention_attrs.items():
         attention = model.get_submodule(path)
         for attr, value in attrs.items():

@@ -36,7 +36,10 @@ def batch(n: int, seq: int = 12, vocab: int = 250, seed: int = 1):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|b| (0 when both are all-zero)."""
+    """max|a - b| / max|b| (0 when both are all-zero or empty)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if b.numel() == 0:
+        return 0.0
     denom = b.abs().max().item()
     diff = (a - b).abs().max().item()
     return diff if denom == 0 else diff / denom

@@ -37,10 +37,10 @@ def _loss(model, family, ids, labels):
 
 
 def check_equivalence(family, tp, tied=False, steps=1, gradient_checkpointing=False, rows_per_rank=2,
-                      fused=True):
+                      fused=True, **overrides):
     """On every rank: shard a copy of the reference, run fwd+bwd (+AdamW) on this dp rank's rows,
     compare with the reference run on all rows. Returns the worst relative error."""
-    ref = build(family, tied=tied)
+    ref = build(family, tied=tied, **overrides)
     cfg = sf.ShardConfig(tp_size=tp, gradient_checkpointing=gradient_checkpointing, enable_fused_kernels=fused)
     model = sf.shard_model(copy.deepcopy(ref), config=cfg)
     layer = model.base_model.layers[0]
@@ -55,7 +55,7 @@ def check_equivalence(family, tp, tied=False, steps=1, gradient_checkpointing=Fa
     opt = torch.optim.AdamW(model.parameters(), **ADAMW)
     errs = {}
     for step in range(steps):
-        ids, labels = batch(rows_per_rank * dp, seed=step + 1)
+        ids, labels = batch(rows_per_rank * dp, seed=step + 1, vocab=ref.config.vocab_size)
         ref_loss = _loss(ref, family, ids, labels)
         ref_loss.backward()
         if family in ("llama-model",):
@@ -145,6 +145,54 @@ def test_logits(pools):
     pools(4).run(check_logits_without_labels, 4)
 
 
+def check_forward_paths(tp):
+    """model.forward(...) (as wrappers like PEFT call it) and return_dict=False give the same
+    full-vocabulary logits as model(...)."""
+    ref = build("llama", tied=False)
+    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(tp_size=tp))
+    ids, labels = batch(2)
+    want = ref(input_ids=ids).logits
+    assert rel_err(model.forward(input_ids=ids).logits, want) <= TOL
+    assert rel_err(model(input_ids=ids, return_dict=False)[0], want) <= TOL
+    out = model.forward(input_ids=ids, labels=labels)  # training + labels: the fused loss ran
+    assert out.logits is None and rel_err(out.loss, ref(input_ids=ids, labels=labels).loss) <= TOL
+    import inspect
+    assert "labels" in inspect.signature(model.forward).parameters  # HF's signature is kept
+    return True
+
+
+def test_forward_paths(pools):
+    pools(2).run(check_forward_paths, 2)
+
+
+def check_one_input_all_reduce_per_block(tp):
+    """Backward all-reduces of the tp input gradient: one per attention block and one per MLP
+    block (at the norm outputs), not one per q/k/v/gate/up linear; plus one for the LM head."""
+    from shardformer.layers import comm
+
+    model = sf.shard_model(build("llama"), config=sf.ShardConfig(tp_size=tp, enable_fused_kernels=False))
+    calls, original = [], comm._CopyToGroup.apply
+    comm._CopyToGroup.apply = staticmethod(lambda *a: (calls.append(1), original(*a))[1])
+    try:
+        ids, labels = batch(2)
+        model(input_ids=ids, labels=labels).loss.backward()
+    finally:
+        comm._CopyToGroup.apply = original
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 2 * layers + 1, len(calls)
+    return len(calls)
+
+
+def test_one_input_all_reduce_per_block(pools):
+    pools(2).run(check_one_input_all_reduce_per_block, 2)
+
+
+def test_vocab_slice_of_padding_only(pools):
+    """vocab 5 over tp=4: slices of 2, the last rank holds padding only; every path still exact."""
+    for fused in (False, True):
+        pools(4).run(check_equivalence, "llama", 4, True, 1, False, 2, fused, vocab_size=5)
+
+
 def check_loss_kwargs(tp, fused):
     """transformers' loss arguments keep their meaning: num_items_in_batch (sum / count),
     shift_labels (targets as given), in the fused and the unfused vocab-parallel loss."""
@@ -186,9 +234,13 @@ def check_clip_and_accumulation(tp):
             total = total + ref(input_ids=ids[rows], labels=labels[rows]).loss / (2 * dp)
     total.backward()
     mine = [slice(4 * dp_rank + 2 * h, 4 * dp_rank + 2 * h + 2) for h in (0, 1)]
+    reducer = model.sf_grad_reducer
+    before = dict(reducer.launches)
     with model.no_sync():
         (model(input_ids=ids[mine[0]], labels=labels[mine[0]]).loss / 2).backward()
+    assert reducer.launches == before, (before, reducer.launches)  # no all-reduce inside no_sync
     (model(input_ids=ids[mine[1]], labels=labels[mine[1]]).loss / 2).backward()
+    assert reducer.launches["during_backward"] == before["during_backward"] + len(reducer.buckets)
     for norm_type in (2.0, float("inf")):
         max_norm = 0.05
         ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm, norm_type=norm_type)

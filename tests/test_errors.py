@@ -58,6 +58,10 @@ def check_setup_errors():
                               "register_policy")
     _expect_value_error(copy.deepcopy(model), sf.ShardConfig(tp_size=2), "MissingEntryPolicy.column_parallel",
                         "mlp.no_such_proj", policy=MissingEntryPolicy())
+    capped = copy.deepcopy(model)
+    capped.model.embed_tokens.max_norm = 1.0
+    _expect_value_error(capped, sf.ShardConfig(tp_size=2), "model.model.embed_tokens.max_norm=1.0")
+    assert type(capped.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # refused before any change
     sharded = sf.shard_model(copy.deepcopy(model), policy=OptionalEntryPolicy, config=sf.ShardConfig(tp_size=2))
     _expect_value_error(sharded, sf.ShardConfig(tp_size=2), "already sharded")
     return msg
@@ -71,6 +75,9 @@ def check_head_divisibility():
     three_kv = build("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
     _expect_value_error(three_kv, sf.ShardConfig(tp_size=2), "ShardConfig.tp_size=2",
                         "model.config.num_key_value_heads=3")
+    kv3 = build("llama", num_attention_heads=12, num_key_value_heads=3, hidden_size=48)
+    _expect_value_error(kv3, sf.ShardConfig(tp_size=4), "ShardConfig.tp_size=4",
+                        "multiple of", "model.config.num_key_value_heads=3")
     wide = build("llama", intermediate_size=90)
     _expect_value_error(wide, sf.ShardConfig(tp_size=4), "ShardConfig.tp_size=4", "mlp.gate_proj.out_features=90")
     return True

@@ -1,12 +1,13 @@
 """Fused LM-head + cross-entropy in training: the full logits are never materialised.
 
-The seam is hooks, not a copied forward. When the model is called in training mode with
+The seam is hooks (run by the sharded model's forward wrapper, with nn.Module forward-hook
+conventions), not a copied forward. When the model is called in training mode with
 `labels` (and grad enabled, `return_dict` not False, `logits_to_keep` 0):
-  1. a forward pre-hook on the model takes `labels` (and `shift_labels`, `num_items_in_batch`,
+  1. a pre-hook on the model takes `labels` (and `shift_labels`, `num_items_in_batch`,
      `ignore_index`) out of the call, so transformers computes no loss of its own;
   2. the vocab-parallel LM head, asked to capture, keeps its input hidden states and returns an
      empty [..., 0] tensor instead of logits;
-  3. a forward hook computes the loss with `linear_cross_entropy` from the captured hidden
+  3. a post-hook computes the loss with `linear_cross_entropy` from the captured hidden
      states and the head's (vocab-split) weight, exactly as transformers' causal-LM loss, and
      returns the model's output with `loss` set and `logits=None`.
 Evaluation (`model.eval()`), calls without labels, and everything else run unchanged.
@@ -56,5 +57,5 @@ def install_fused_lm_loss(model: torch.nn.Module, head) -> None:
         fields = {k: v for k, v in output.items() if k not in ("loss", "logits")}
         return type(output)(loss=loss, logits=None, **fields)
 
-    model.register_forward_pre_hook(before, with_kwargs=True)
-    model.register_forward_hook(after, with_kwargs=True)
+    model.sf_pre_hooks.append(before)
+    model.sf_post_hooks.insert(0, after)  # before the logits gather, which it makes moot

@@ -31,14 +31,18 @@ class VocabParallelEmbedding(nn.Module):
         self._local_padding_idx = local_pad if local_pad is not None and 0 <= local_pad < spec.local else None
         self.sf_shard_specs = {"weight": spec}
 
-    @classmethod
-    def from_embedding(cls, emb: nn.Embedding, spec: ShardSpec, group, tp_rank: int):
+    @staticmethod
+    def check_supported(emb: nn.Embedding, path: str) -> None:
+        """ValueError for nn.Embedding options the vocab split cannot reproduce."""
         for attr, default in (("max_norm", None), ("scale_grad_by_freq", False), ("sparse", False)):
             if getattr(emb, attr) != default:
                 raise ValueError(
-                    f"vocab-parallel embedding does not support nn.Embedding.{attr}={getattr(emb, attr)!r}; "
+                    f"vocab-parallel embedding does not support model.{path}.{attr}={getattr(emb, attr)!r}; "
                     "set ShardConfig.tp_size=1 for this model"
                 )
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, spec: ShardSpec, group, tp_rank: int):
         weight = nn.Parameter(split_tensor(emb.weight.detach(), spec, tp_rank), requires_grad=emb.weight.requires_grad)
         return cls(weight, spec, group, tp_rank, emb.padding_idx)
 

@@ -4,7 +4,8 @@
 
 ColumnParallelLinear splits `out` (W rows and b): rank r computes y[..., out_r].
     forward: identity on x, no collective (output stays split on the last dim)
-    backward: all-reduce (sum) of dL/dx over the tp group
+    backward: all-reduce (sum) of dL/dx over the tp group (skipped with `copy_input=False`,
+              when the producer of x already did it once for several linears)
 RowParallelLinear splits `in` (W columns); its input is already split on the last dim.
     forward: all-reduce (sum) of the partial x_r W_r^T over the tp group, then + b (b replicated)
     backward: identity on dL/dy, no collective
@@ -31,6 +32,8 @@ class ColumnParallelLinear(nn.Module):
     (replicated KV heads): their gradients are summed by the gradient reducer, not here.
     """
 
+    copy_input = True
+
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: ShardSpec, group):
         super().__init__()
         self.weight, self.bias, self.group = weight, bias, group
@@ -46,7 +49,9 @@ class ColumnParallelLinear(nn.Module):
         return cls(weight, bias, spec, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_group(x, self.group), self.weight, self.bias)
+        if self.copy_input:
+            x = copy_to_group(x, self.group)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         spec = self.sf_shard_specs["weight"]

@@ -42,7 +42,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         softmax, local_t, hit, valid = ctx.saved_tensors
         grad = softmax.clone()
-        grad.scatter_add_(-1, local_t.unsqueeze(-1), -hit.to(grad.dtype).unsqueeze(-1))
+        if grad.shape[-1]:  # a slice that is all padding holds no logits and no target
+            grad.scatter_add_(-1, local_t.unsqueeze(-1), -hit.to(grad.dtype).unsqueeze(-1))
         grad.mul_((grad_loss * valid).unsqueeze(-1))
         return grad, None, None, None, None
 
@@ -89,7 +90,7 @@ def causal_lm_loss(
 ):
     """transformers' causal-LM loss computed on `head`'s vocab-split logits (see module docstring)."""
     logits = logits.float()
-    logits = logits.reshape(-1, logits.shape[-1])
+    logits = logits.reshape(logits.shape[:-1].numel(), logits.shape[-1])  # explicit: the slice may be empty
     targets = shift_causal_labels(labels, shift_labels, ignore_index).to(logits.device)
     check_targets(targets, head.vocab_size, ignore_index)
     per_row = vocab_parallel_cross_entropy(logits, targets, head.vocab_start, head.group, ignore_index)
