@@ -83,7 +83,9 @@ std::vector<at::Tensor> ce_chunk_stats(const at::Tensor& logits, const at::Tenso
 at::Tensor ce_chunk_grad_(at::Tensor logits, const at::Tensor& lse, const at::Tensor& target_local, int64_t vocab_valid,
                           const at::Tensor& row_scale) {
   check_chunk(logits, target_local, vocab_valid);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && row_scale.scalar_type() == at::kFloat, "ce_chunk_grad_: lse/row_scale fp32");
+  TORCH_CHECK(lse.is_cuda() && row_scale.is_cuda() && lse.scalar_type() == at::kFloat && row_scale.scalar_type() == at::kFloat &&
+              lse.numel() == logits.size(0) && row_scale.numel() == logits.size(0),
+              "ce_chunk_grad_: lse/row_scale must be fp32 CUDA tensors with one value per row");
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0);
   if (rows == 0) return logits;

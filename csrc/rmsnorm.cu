@@ -153,6 +153,8 @@ std::vector<at::Tensor> rmsnorm_bwd(const at::Tensor& dy, const at::Tensor& xs, 
                                     const at::Tensor& rstd, const c10::optional<at::Tensor>& ds, bool need_dw) {
   SF_CHECK_CUDA(dy); SF_CHECK_CONTIG(dy); SF_CHECK_CONTIG(xs); SF_CHECK_CONTIG(weight); SF_CHECK_CONTIG(rstd);
   TORCH_CHECK(dy.sizes() == xs.sizes() && xs.dim() == 2 && weight.size(0) == xs.size(1), "rmsnorm_bwd: shapes");
+  TORCH_CHECK(xs.is_cuda() && weight.is_cuda() && rstd.is_cuda() && rstd.scalar_type() == at::kFloat &&
+              rstd.numel() == xs.size(0), "rmsnorm_bwd: xs/weight/rstd must be CUDA tensors, rstd fp32 [R]");
   const bool has_ds = ds.has_value() && ds->defined();
   if (has_ds) {
     SF_CHECK_CONTIG((*ds));

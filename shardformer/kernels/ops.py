@@ -100,7 +100,8 @@ class _RMSNorm(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         r2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
-        y, s, rstd = _rmsnorm_fwd(x2, r2, weight.contiguous(), eps)
+        weight = weight.contiguous()  # the backward kernel needs it contiguous too
+        y, s, rstd = _rmsnorm_fwd(x2, r2, weight, eps)
         ctx.has_res = residual is not None
         ctx.shape = shape
         ctx.save_for_backward(s if ctx.has_res else x2, weight, rstd)
@@ -184,7 +185,8 @@ def apply_rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
         qo, ko = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 1)
         return qo.transpose(1, 2), ko.transpose(1, 2)
     b, s = max(q.shape[0], cos.shape[0]), q.shape[2]
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or cos.shape[1] != s or cos.shape[0] not in (1, b):
+    if (q.shape[0] != k.shape[0] or q.shape[0] != b or q.shape[2] != k.shape[2] or cos.shape[1] != s
+            or cos.shape[0] not in (1, b)):  # q broadcast against a larger cos batch: reference
         return reference.apply_rotary(q, k, cos, sin, unsqueeze_dim)
     cos, sin = cos.expand(b, s, -1), sin.expand(b, s, -1)
     if cos.stride(-1) != 1 or sin.stride(-1) != 1:
