@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .comm import reduce_from_group
-from .shard import ShardSpec, split_tensor
+from .shard import ShardSpec, split_parameter
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -43,8 +43,7 @@ class VocabParallelEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, spec: ShardSpec, group, tp_rank: int):
-        weight = nn.Parameter(split_tensor(emb.weight.detach(), spec, tp_rank), requires_grad=emb.weight.requires_grad)
-        return cls(weight, spec, group, tp_rank, emb.padding_idx)
+        return cls(split_parameter(emb.weight, spec, tp_rank), spec, group, tp_rank, emb.padding_idx)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # nn.Embedding raises on an out-of-range id; a vocab slice would silently look up zeros.

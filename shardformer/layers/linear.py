@@ -13,16 +13,11 @@ RowParallelLinear splits `in` (W columns); its input is already split on the las
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .comm import copy_to_group, gather_from_group, reduce_from_group
-from .shard import ShardSpec, split_tensor
-
-
-def _param_like(source: torch.Tensor, data: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(data, requires_grad=source.requires_grad)
+from .shard import ShardSpec, split_parameter
 
 
 class ColumnParallelLinear(nn.Module):
@@ -42,11 +37,8 @@ class ColumnParallelLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group, tp_rank: int):
-        weight = _param_like(linear.weight, split_tensor(linear.weight.detach(), spec, tp_rank))
-        bias = None
-        if linear.bias is not None:
-            bias = _param_like(linear.bias, split_tensor(linear.bias.detach(), spec, tp_rank))
-        return cls(weight, bias, spec, group)
+        return cls(split_parameter(linear.weight, spec, tp_rank), split_parameter(linear.bias, spec, tp_rank),
+                   spec, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
@@ -69,8 +61,7 @@ class RowParallelLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group, tp_rank: int):
-        weight = _param_like(linear.weight, split_tensor(linear.weight.detach(), spec, tp_rank))
-        return cls(weight, linear.bias, spec, group)
+        return cls(split_parameter(linear.weight, spec, tp_rank), linear.bias, spec, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = reduce_from_group(F.linear(x, self.weight), self.group)
@@ -101,11 +92,8 @@ class VocabParallelLMHead(ColumnParallelLinear):
     def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group, tp_rank: int, weight=None):
         """`weight`: an already-split Parameter to share (tied input/output embeddings)."""
         if weight is None:
-            weight = _param_like(linear.weight, split_tensor(linear.weight.detach(), spec, tp_rank))
-        bias = None
-        if linear.bias is not None:
-            bias = _param_like(linear.bias, split_tensor(linear.bias.detach(), spec, tp_rank))
-        return cls(weight, bias, spec, group, tp_rank)
+            weight = split_parameter(linear.weight, spec, tp_rank)
+        return cls(weight, split_parameter(linear.bias, spec, tp_rank), spec, group, tp_rank)
 
     sf_capture = False  # set by the fused LM loss (kernels/fused_loss.py) for one call
 
@@ -120,9 +108,6 @@ class VocabParallelLMHead(ColumnParallelLinear):
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits from this rank's slice (used for outputs without labels)."""
-        world = dist.get_world_size(self.group)
-        if world == 1:
-            return logits
         pad = self.out_features - logits.shape[-1]
         if pad:
             logits = F.pad(logits, (0, pad))

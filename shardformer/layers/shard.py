@@ -61,6 +61,13 @@ def split_tensor(full: torch.Tensor, spec: ShardSpec, tp_rank: int) -> torch.Ten
     return out
 
 
+def split_parameter(param: torch.nn.Parameter | None, spec: ShardSpec, tp_rank: int):
+    """This rank's piece of `param` as a new Parameter (same requires_grad); None stays None."""
+    if param is None:
+        return None
+    return torch.nn.Parameter(split_tensor(param.detach(), spec, tp_rank), requires_grad=param.requires_grad)
+
+
 def merge_pieces(pieces: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
     """Inverse of `split_tensor`: `pieces` are the tensors of all tp ranks in rank order
     (replicas included); returns the unpadded full tensor."""
