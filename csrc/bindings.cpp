@@ -10,7 +10,7 @@ std::vector<at::Tensor> rmsnorm_fwd(const at::Tensor& x, const c10::optional<at:
 std::vector<at::Tensor> rmsnorm_bwd(const at::Tensor& dy, const at::Tensor& xs, const at::Tensor& weight,
                                     const at::Tensor& rstd, const c10::optional<at::Tensor>& ds, bool need_dw);
 std::vector<at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                               const at::Tensor& sin, bool backward);
+                               const at::Tensor& sin, bool backward, at::ScalarType out_dtype);
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
 std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& up);
 std::vector<at::Tensor> ce_chunk_stats(const at::Tensor& logits, const at::Tensor& target_local, int64_t vocab_valid);
@@ -28,7 +28,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rmsnorm_bwd", &sf::rmsnorm_bwd, "RMSNorm backward -> (dx, dw)", py::arg("dy"), py::arg("xs"),
         py::arg("weight"), py::arg("rstd"), py::arg("ds"), py::arg("need_dw"));
   m.def("rotary", &sf::rotary, "rotary on q and k (backward=True applies the transpose)", py::arg("q"),
-        py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("backward"));
+        py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("backward"), py::arg("out_dtype"));
   m.def("swiglu_fwd", &sf::swiglu_fwd, "silu(gate) * up");
   m.def("swiglu_bwd", &sf::swiglu_bwd, "SwiGLU backward -> (dgate, dup)");
   m.def("ce_chunk_stats", &sf::ce_chunk_stats, "per-row (max, sumexp, target logit) of a logits chunk");

@@ -309,15 +309,15 @@ class _FakeExt:
         return dx.to(xs.dtype), dw
 
     @staticmethod
-    def rotary(q, k, cos, sin, backward):
-        def one(x):
+    def rotary(q, k, cos, sin, backward, out_dtype):
+        def one(x):  # fp32 math, one rounding to out_dtype, as the kernel does
             h = x.shape[-1] // 2
-            x1, x2 = x[..., :h], x[..., h:]
-            c, s = cos[:, None], sin[:, None]
+            x1, x2 = x[..., :h].float(), x[..., h:].float()
+            c, s = cos[:, None].float(), sin[:, None].float()
             c1, c2, s1, s2 = c[..., :h], c[..., h:], s[..., :h], s[..., h:]
             if backward:
-                return torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), -1)
-            return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), -1)
+                return torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), -1).to(out_dtype)
+            return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), -1).to(out_dtype)
         return one(q), one(k)
 
     @staticmethod
@@ -329,7 +329,9 @@ class _FakeExt:
         s = torch.sigmoid(g)
         return dy * u * s * (1 + g * (1 - s)), dy * g * s
 
-    ce_chunk_stats = staticmethod(cross_entropy.ce_chunk_stats)
+    @staticmethod
+    def ce_chunk_stats(logits, tl, vocab_valid):  # three fresh tensors, as the C++ returns
+        return tuple(t.clone() for t in cross_entropy.ce_chunk_stats(logits, tl, vocab_valid))
 
     @staticmethod
     def ce_chunk_grad_(logits, lse, tl, vocab_valid, row_scale):
@@ -374,9 +376,125 @@ def test_wrappers_rotary_and_swiglu_via_fake_ext(fake_cuda):
     test_swiglu_op_matches_silu_product()
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_wrappers_rotary_mixed_dtypes_via_fake_ext(fake_cuda, low):
+    """Under autocast HF's q/k are bf16 while cos/sin are fp32: the kernel path is taken (no
+    fallback), its outputs are fp32 like HF's promoted ones, and the gradients return in q's dtype.
+    Forward: fp32, 1e-6. Gradients: the kernel rounds the fp32 gradient to ``low`` once, so it
+    must be within one rounding (relative ``finfo(low).eps``) of the fp32 gradient; HF rounds each
+    product term to ``low`` and sums in ``low`` (up to three roundings), so it is only required to
+    be no closer to the fp32 gradient than the kernel."""
+    calls = []
+    real = _FakeExt.rotary
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_FakeExt, "rotary", staticmethod(lambda *a: calls.append(a[4:]) or real(*a)))
+        torch.manual_seed(11)
+        q = torch.randn(2, 3, 6, 8, dtype=low).transpose(1, 2).requires_grad_()  # [B, H, S, D] view
+        k = torch.randn(2, 1, 3, 8, dtype=low, requires_grad=True)
+        cos, sin = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+        got, want = ops.apply_rotary(q, k, cos, sin), ml.apply_rotary_pos_emb(q, k, cos, sin)
+        assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.float32] * 2
+        _close(got, want)
+        cots = [torch.randn_like(t) for t in want]
+        g_got, g_want = torch.autograd.grad(got, [q, k], cots), torch.autograd.grad(want, [q, k], cots)
+        assert [g.dtype for g in g_got] == [low, low]
+        q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+        truth = torch.autograd.grad(ml.apply_rotary_pos_emb(q32, k32, cos, sin), [q32, k32], cots)
+        eps = torch.finfo(low).eps
+        for g, h, t in zip(g_got, g_want, truth):
+            _close(g.float(), t, tol=dict(rtol=eps, atol=1e-6))
+            assert (g.float() - t).abs().max() <= (h.float() - t).abs().max()
+    assert calls == [(False, torch.float32), (True, low)]
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_wrappers_linear_ce_via_fake_ext(fake_cuda, reduction):
     test_linear_ce_matches_full_logits(reduction, 5, pytest.MonkeyPatch())
+
+
+def _count_calls(mp, names):
+    """Wrap ``_FakeExt.<name>`` for each name; returns the list the wrappers append names to."""
+    calls = []
+    for name in names:
+        real = getattr(_FakeExt, name)
+        mp.setattr(_FakeExt, name, staticmethod(lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a)))
+    return calls
+
+
+def _compiled_ce_matches_eager(f, hidden, weight, tol=dict(rtol=1e-5, atol=0.0)):
+    """``torch.compile(f, fullgraph=True)`` gives f's loss and hidden/weight gradients; returns the
+    compiled loss and the ``shardformer::`` ops in dynamo's graph (the fake extension is plain
+    Python that dynamo would inline: only these nodes show the extension is behind custom ops)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    ops_seen = set()
+
+    def backend(gm, example_inputs):
+        for mod in gm.modules():
+            ops_seen.update(str(n.target) for n in mod.graph.nodes if "shardformer" in str(n.target))
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend=backend)(hidden, weight)
+    want = f(hidden, weight)
+    _close(got, want, tol)
+    _close(_grads(got, [hidden, weight]), _grads(want, [hidden, weight]), tol)
+    return got, ops_seen
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_ce_compile_fullgraph_via_fake_ext(fake_cuda, reduction):
+    """The CUDA path of ``ops.linear_cross_entropy`` is one graph through the
+    ``shardformer::linear_ce_forward`` custom op (fake kernel); same loss and gradients as eager."""
+    hidden, weight, target = _ce_case(37, 23, 101, n_ignored=6)
+
+    def f(h, w):
+        return ops.linear_cross_entropy(h, w, target, reduction=reduction, chunk_size=5) * 2.5
+
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _count_calls(mp, ["linear_ce_forward"])
+        got, seen = _compiled_ce_matches_eager(f, hidden, weight)
+    assert seen == {"shardformer.linear_ce_forward.default"}, seen
+    assert calls == ["linear_ce_forward"] * 2  # compiled, then eager: the extension path both times
+    _close(got, _ce_oracle(hidden, weight, target, reduction) * 2.5)
+
+
+def _vocab_parallel_compile_check(reduction, vocab_true):
+    """On a pool rank (gloo WORLD of 2): the vocab-parallel loop over the ce_chunk_* custom ops
+    compiles to one graph and matches eager and the full-logits oracle."""
+    import torch.distributed as dist
+    from shardformer.kernels import cuda
+
+    rank, world, v = dist.get_rank(), dist.get_world_size(), 26
+    hidden, weight, target = _ce_case(13, 7, v, n_ignored=3)
+    target = target.clamp(max=vocab_true - 1)
+    shard = v // world
+    w_local = weight.detach()[rank * shard:(rank + 1) * shard].clone().requires_grad_()
+
+    def f(h, w):
+        return ops.linear_cross_entropy(h, w, target, reduction=reduction, chunk_size=4,
+                                        process_group=dist.group.WORLD, vocab_start=rank * shard,
+                                        vocab_size=vocab_true)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda, "load", lambda: _FakeExt)
+        mp.setattr(ops, "_use_cuda", lambda *t: True)
+        calls = _count_calls(mp, ["ce_chunk_stats", "ce_chunk_grad_", "linear_ce_forward"])
+        got, seen = _compiled_ce_matches_eager(f, hidden, w_local)
+        torch._dynamo.reset()
+    assert seen == {"shardformer.ce_chunk_stats.default", "shardformer.ce_chunk_grad_.default"}, seen
+    assert sorted(set(calls)) == ["ce_chunk_grad_", "ce_chunk_stats"], calls
+    _close(got, _ce_oracle(hidden, weight, target, reduction, vocab=vocab_true))
+    want_gw = _grads(_ce_oracle(hidden, weight, target, reduction, vocab=vocab_true), [weight])[0]
+    _close(_grads(f(hidden, w_local), [w_local])[0], want_gw[rank * shard:(rank + 1) * shard])
+    return len(calls)
+
+
+@pytest.mark.parametrize("vocab_true", [23, 13])  # 13: rank 1's shard is all padding (vocab_valid 0)
+def test_linear_ce_vocab_parallel_compile_fullgraph_via_fake_ext(pools, vocab_true):
+    """tp=2 vocab-parallel fused loss on the mocked CUDA path: one graph, same as eager (2 gloo ranks)."""
+    counts = pools(2).run(_vocab_parallel_compile_check, "mean", vocab_true)
+    assert counts[0] == counts[1] > 0
 
 
 def test_wrappers_compile_fullgraph_via_fake_ext(fake_cuda):

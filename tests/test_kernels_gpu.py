@@ -89,6 +89,33 @@ def test_rotary(b, hq, hk, s, d, dtype, layout):
         _check(g, wv, dtype)
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_rotary_autocast_dtypes_use_the_kernel(low, monkeypatch):
+    """HF under bf16 autocast: q/k bf16, cos/sin fp32 (outputs promoted to fp32). The kernel must
+    run (no fallback); forward within fp32 1e-5 of the reference; gradients in ``low`` within one
+    rounding (``finfo(low).eps`` relative) of the fp32 gradient."""
+    calls = []
+    real = ops._rotary
+    monkeypatch.setattr(ops, "_rotary", lambda *a: calls.append(a[4:]) or real(*a))
+    torch.manual_seed(2)
+    b, hq, hk, s, d = 2, 8, 2, 33, 64
+    q = torch.randn(b, s, hq * d, device=DEV, dtype=low).view(b, s, hq, d).transpose(1, 2).detach().requires_grad_()
+    k = torch.randn(b, s, hk * d, device=DEV, dtype=low).view(b, s, hk, d).transpose(1, 2).detach().requires_grad_()
+    ang = torch.randn(b, s, d, device=DEV)
+    cos, sin = ang.cos(), ang.sin()
+    got, want = ops.apply_rotary(q, k, cos, sin), reference.apply_rotary(q, k, cos, sin)
+    for g, wv in zip(got, want):
+        _check(g, wv, torch.float32)
+    cots = [torch.randn_like(t) for t in want]
+    q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    truth = _grads(reference.apply_rotary(q32, k32, cos, sin), [q32, k32], cots)
+    eps = torch.finfo(low).eps
+    for g, t in zip(_grads(got, [q, k], cots), truth):
+        assert g.dtype == low
+        torch.testing.assert_close(g.float(), t, rtol=eps, atol=1e-6)
+    assert calls == [(False, torch.float32), (True, low)]
+
+
 # --------------------------------------------------------------------------- SwiGLU
 @pytest.mark.parametrize("shape", [(5, 123), (4, 8192), (3, 7, 37)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -221,4 +248,22 @@ def test_fused_ops_compile_without_graph_breaks():
     got, want = compiled(x, w, q), f(x, w, q)
     _check(got, want, torch.float32)
     for a, b in zip(torch.autograd.grad(got, [x, w, q]), torch.autograd.grad(want, [x, w, q])):
+        _check(a, b, torch.float32)
+
+
+def test_linear_cross_entropy_compiles_fullgraph():
+    """The fused loss reaches the extension only through custom ops: one graph, same result."""
+    assert cuda.available()  # load outside of tracing
+    torch.manual_seed(7)
+    h = torch.randn(37, 64, device=DEV, requires_grad=True)
+    w = torch.randn(1000, 64, device=DEV, requires_grad=True)
+    t = torch.randint(0, 1000, (37,), device=DEV)
+
+    def f(h, w):
+        return ops.linear_cross_entropy(h, w, t, chunk_size=16)
+
+    torch._dynamo.reset()
+    got, want = torch.compile(f, fullgraph=True)(h, w), f(h, w)
+    _check(got, want, torch.float32)
+    for a, b in zip(torch.autograd.grad(got, [h, w]), torch.autograd.grad(want, [h, w])):
         _check(a, b, torch.float32)

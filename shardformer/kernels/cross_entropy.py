@@ -18,7 +18,10 @@ logit are all-reduced (MAX, SUM, SUM), so every rank gets the same loss. The ret
 gradient is the *full* gradient (summed over the group in forward), so the caller must not
 all-reduce it again. Vocabulary rows at global index ``>= vocab_size`` (padding) are excluded.
 
-The per-chunk work is pluggable: ``torch`` ops here, CUDA kernels from ``ops.py``.
+The per-chunk work is pluggable: ``torch`` ops here, or the CUDA extension's kernels. The
+extension's entry points are only called through the ``shardformer::linear_ce_forward``,
+``shardformer::ce_chunk_stats`` and ``shardformer::ce_chunk_grad_`` custom ops below (with fake
+implementations), so ``torch.compile`` traces the fused loss without a graph break.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..layers.comm import all_reduce_no_grad
+from . import cuda
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyFunction", "default_chunk_size"]
 
@@ -71,6 +75,57 @@ def ce_chunk_grad(logits, lse, target_local, vocab_valid: int, row_scale):
     p.scatter_add_(1, target_local.clamp(min=0)[:, None], -has[:, None])
     p.mul_(row_scale[:, None])
     return p.to(logits.dtype)
+
+
+# --------------------------------------------------------------------------- custom ops (CUDA)
+@torch.library.custom_op("shardformer::linear_ce_forward", mutates_args=())
+def _linear_ce_forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                       chunk_size: int, mean: bool, vocab_valid: int, need_h: bool,
+                       need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole chunk loop in C++: ``(loss fp32 [], grad_hidden fp32 [N, H], grad_weight fp32 [V, H])``;
+    a gradient not asked for (``need_h`` / ``need_w`` False) is an empty fp32 ``[0]``."""
+    loss, gh, gw = cuda.require().linear_ce_forward(hidden, weight, target, ignore_index, chunk_size, mean,
+                                            vocab_valid, need_h, need_w)
+    return loss, gh, gw
+
+
+@_linear_ce_forward.register_fake
+def _(hidden, weight, target, ignore_index, chunk_size, mean, vocab_valid, need_h, need_w):
+    n, h_dim = hidden.shape
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((), **f32), hidden.new_empty((n, h_dim) if need_h else (0,), **f32),
+            hidden.new_empty((weight.shape[0], h_dim) if need_w else (0,), **f32))
+
+
+@torch.library.custom_op("shardformer::ce_chunk_stats", mutates_args=())
+def _ce_chunk_stats(logits: torch.Tensor, target_local: torch.Tensor,
+                    vocab_valid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CUDA ``ce_chunk_stats``: per-row ``(max, sumexp, target logit)``, three fp32 ``[C]`` tensors."""
+    m, s, zt = cuda.require().ce_chunk_stats(logits, target_local, vocab_valid)
+    return m, s, zt
+
+
+@_ce_chunk_stats.register_fake
+def _(logits, target_local, vocab_valid):
+    return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("shardformer::ce_chunk_grad_", mutates_args=("logits",))
+def _ce_chunk_grad_(logits: torch.Tensor, lse: torch.Tensor, target_local: torch.Tensor, vocab_valid: int,
+                    row_scale: torch.Tensor) -> None:
+    """CUDA ``ce_chunk_grad_``: overwrites ``logits`` with its scaled CE gradient (see ``ce_chunk_grad``)."""
+    cuda.require().ce_chunk_grad_(logits, lse, target_local, vocab_valid, row_scale)
+
+
+@_ce_chunk_grad_.register_fake
+def _(logits, lse, target_local, vocab_valid, row_scale):
+    return None
+
+
+def _ext_chunk_grad(logits, lse, target_local, vocab_valid: int, row_scale):
+    """``ce_chunk_grad``'s signature over the in-place op: the logits buffer becomes the gradient."""
+    _ce_chunk_grad_(logits, lse, target_local, vocab_valid, row_scale)
+    return logits
 
 
 def _loop(hidden, weight, target, ignore_index, chunk_size, mean, need_h, need_w,
@@ -119,24 +174,25 @@ def _loop(hidden, weight, target, ignore_index, chunk_size, mean, need_h, need_w
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper: forward runs the chunk loop and keeps the gradients; backward scales them.
 
-    ``ext`` is the CUDA extension (or None for the torch backend). With ``ext`` and no process
-    group the whole loop runs in C++ (``ext.linear_ce_forward``).
+    ``use_ext`` selects the CUDA extension (through the custom ops above) instead of the torch
+    backend; a plain bool, so dynamo never sees the extension module. With it and no process
+    group the whole loop runs in C++ (``shardformer::linear_ce_forward``).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, target, ignore_index, chunk_size, mean, group,
-                vocab_start, vocab_valid, compute_dtype, ext):
+                vocab_start, vocab_valid, compute_dtype, use_ext):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):
-            if ext is not None and group is None:
-                loss, gh, gw = ext.linear_ce_forward(
+            if use_ext and group is None:
+                loss, gh, gw = _linear_ce_forward(
                     hidden, weight.to(compute_dtype), target, ignore_index, chunk_size, mean,
                     vocab_valid, need_h, need_w)
                 gh = gh if need_h else None
                 gw = gw if need_w else None
             else:
-                stats_fn = ext.ce_chunk_stats if ext is not None else ce_chunk_stats
-                grad_fn = ext.ce_chunk_grad_ if ext is not None else ce_chunk_grad
+                stats_fn = _ce_chunk_stats if use_ext else ce_chunk_stats
+                grad_fn = _ext_chunk_grad if use_ext else ce_chunk_grad
                 loss, gh, gw = _loop(hidden, weight, target, ignore_index, chunk_size, mean, need_h,
                                      need_w, group, vocab_start, vocab_valid, compute_dtype,
                                      stats_fn, grad_fn)
@@ -164,14 +220,15 @@ def linear_cross_entropy(
     process_group=None,
     vocab_start: int = 0,
     vocab_size: int | None = None,
-    _ext=None,
+    use_cuda: bool = False,
 ) -> torch.Tensor:
     """``F.cross_entropy((hidden @ weight.T).float(), target)`` without the full logits.
 
     ``hidden [N, H]``, ``weight [V_local, H]``, ``target [N]``; ``reduction`` is ``"mean"`` or
     ``"sum"`` (``"none"`` cannot be fused: the weight gradient is pre-summed). Under autocast the
     matmul runs in the autocast dtype, as ``lm_head`` would. See the module docstring for the
-    vocab-parallel arguments.
+    vocab-parallel arguments. ``use_cuda`` selects the CUDA kernels (``ops.linear_cross_entropy``
+    sets it when the tensors are on CUDA and the extension loads).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -198,4 +255,4 @@ def linear_cross_entropy(
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     return LinearCrossEntropyFunction.apply(
         hidden, weight, target.long(), ignore_index, chunk_size, reduction == "mean", process_group,
-        vocab_start, vocab_valid, compute_dtype, _ext)
+        vocab_start, vocab_valid, compute_dtype, use_cuda)

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-__all__ = ["load", "available", "SOURCES", "NVCC_FLAGS", "CXX_FLAGS"]
+__all__ = ["load", "available", "require", "SOURCES", "NVCC_FLAGS", "CXX_FLAGS"]
 
 CSRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "csrc"))
 SOURCES = sorted(glob.glob(os.path.join(CSRC, "*.cu"))) + [os.path.join(CSRC, "bindings.cpp")]
@@ -73,3 +73,11 @@ def load():
 def available() -> bool:
     """True when the CUDA extension is loaded (or loads now)."""
     return load() is not None
+
+
+def require():
+    """The extension module; ``RuntimeError`` when it is not available (custom-op bodies call this)."""
+    ext = load()
+    if ext is None:
+        raise RuntimeError("shardformer CUDA extension is not available")
+    return ext

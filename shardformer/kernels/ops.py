@@ -24,18 +24,11 @@ def _use_cuda(*tensors) -> bool:
     return all(t.is_cuda and t.dtype in _FLOATS for t in tensors) and cuda.available()
 
 
-def _ext():
-    ext = cuda.load()
-    if ext is None:
-        raise RuntimeError("shardformer CUDA extension is not available")
-    return ext
-
-
 # --------------------------------------------------------------------------- custom ops (CUDA)
 @torch.library.custom_op("shardformer::rmsnorm_fwd", mutates_args=())
 def _rmsnorm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, s, rstd = _ext().rmsnorm_fwd(x, residual, weight, eps)
+    y, s, rstd = cuda.require().rmsnorm_fwd(x, residual, weight, eps)
     return y, s, rstd
 
 
@@ -49,7 +42,7 @@ def _(x, residual, weight, eps):
 @torch.library.custom_op("shardformer::rmsnorm_bwd", mutates_args=())
 def _rmsnorm_bwd(dy: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                  ds: Optional[torch.Tensor], need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, dw = _ext().rmsnorm_bwd(dy, xs, weight, rstd, ds, need_dw)
+    dx, dw = cuda.require().rmsnorm_bwd(dy, xs, weight, rstd, ds, need_dw)
     return dx, dw
 
 
@@ -60,19 +53,19 @@ def _(dy, xs, weight, rstd, ds, need_dw):
 
 @torch.library.custom_op("shardformer::rotary", mutates_args=())
 def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    qo, ko = _ext().rotary(q, k, cos, sin, backward)
+            backward: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    qo, ko = cuda.require().rotary(q, k, cos, sin, backward, out_dtype)
     return qo, ko
 
 
 @_rotary.register_fake
-def _(q, k, cos, sin, backward):
-    return torch.empty_like(q), torch.empty_like(k)
+def _(q, k, cos, sin, backward, out_dtype):
+    return torch.empty_like(q, dtype=out_dtype), torch.empty_like(k, dtype=out_dtype)
 
 
 @torch.library.custom_op("shardformer::swiglu_fwd", mutates_args=())
 def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _ext().swiglu_fwd(gate, up)
+    return cuda.require().swiglu_fwd(gate, up)
 
 
 @_swiglu_fwd.register_fake
@@ -82,7 +75,7 @@ def _(gate, up):
 
 @torch.library.custom_op("shardformer::swiglu_bwd", mutates_args=())
 def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dg, du = _ext().swiglu_bwd(dy, gate, up)
+    dg, du = cuda.require().swiglu_bwd(dy, gate, up)
     return dg, du
 
 
@@ -121,18 +114,23 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class _Rotary(torch.autograd.Function):
-    """q' = q*cos + rotate_half(q)*sin (same for k); backward applies the transposed rotation."""
+    """q' = q*cos + rotate_half(q)*sin (same for k); backward applies the transposed rotation.
+
+    The outputs have HF's dtype, ``promote(q, cos)``: fp32 under autocast (bf16 q/k, fp32 cos/sin),
+    and the gradients come back in q's dtype.
+    """
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotary(q, k, cos, sin, False)
+        ctx.in_dtype = q.dtype
+        return _rotary(q, k, cos, sin, False, torch.promote_types(q.dtype, cos.dtype))
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         dq, dk = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk))
-        gq, gk = _rotary(dq, dk, cos, sin, True)
+        gq, gk = _rotary(dq, dk, cos, sin, True, ctx.in_dtype)
         return gq, gk, None, None
 
 
@@ -174,10 +172,19 @@ def rms_norm_residual(x, residual, weight, eps):
     return reference.rms_norm_residual(x, residual, weight, eps)
 
 
+def _rotary_dtypes_ok(q, k, cos, sin) -> bool:
+    """The kernel's dtype combinations: all equal, or low-precision q/k with fp32 cos/sin."""
+    return (q.dtype == k.dtype and cos.dtype == sin.dtype
+            and (q.dtype == cos.dtype or cos.dtype == torch.float32))
+
+
 def apply_rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
-    """HF ``apply_rotary_pos_emb``; the CUDA path takes 4-D q/k and 3-D cos/sin, even head_dim."""
+    """HF ``apply_rotary_pos_emb``; the CUDA path takes 4-D q/k and 3-D cos/sin, even head_dim.
+
+    Output dtype as HF's: ``promote(q, cos)`` (under autocast, bf16 q/k and fp32 cos/sin give fp32).
+    """
     ok = (_use_cuda(q, k, cos, sin) and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3
-          and unsqueeze_dim in (1, 2) and q.shape[-1] % 2 == 0 and len({q.dtype, k.dtype, cos.dtype, sin.dtype}) == 1
+          and unsqueeze_dim in (1, 2) and q.shape[-1] % 2 == 0 and _rotary_dtypes_ok(q, k, cos, sin)
           and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1] and not (cos.requires_grad or sin.requires_grad))
     if not ok:
         return reference.apply_rotary(q, k, cos, sin, unsqueeze_dim)
@@ -209,6 +216,5 @@ def linear_cross_entropy(hidden, weight, target, ignore_index: int = -100, reduc
                          chunk_size: int | None = None, process_group=None, vocab_start: int = 0,
                          vocab_size: int | None = None):
     """Chunked ``F.cross_entropy(hidden @ weight.T, target)``; see ``cross_entropy.py``."""
-    ext = cuda.load() if _use_cuda(hidden, weight) else None
     return _linear_cross_entropy(hidden, weight, target, ignore_index, reduction, chunk_size,
-                                 process_group, vocab_start, vocab_size, _ext=ext)
+                                 process_group, vocab_start, vocab_size, use_cuda=_use_cuda(hidden, weight))
