@@ -8,7 +8,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace sf {
@@ -46,8 +48,20 @@ struct alignas(sizeof(T) * N) Vec {
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* p) { return *reinterpret_cast<const Vec<T, N>*>(p); }
 
+// 16-byte multiples are stored as uint4 words with __stwb: a plain struct assignment may be split
+// by the compiler into per-element stores (seen in the PTX of the RMSNorm backward).
 template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) { *reinterpret_cast<Vec<T, N>*>(p) = v; }
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+  if constexpr (sizeof(Vec<T, N>) % 16 == 0) {
+    constexpr int K = sizeof(Vec<T, N>) / 16;
+    uint4 words[K];
+    memcpy(words, &v, sizeof(words));
+#pragma unroll
+    for (int k = 0; k < K; ++k) __stwb(reinterpret_cast<uint4*>(p) + k, words[k]);
+  } else {
+    *reinterpret_cast<Vec<T, N>*>(p) = v;
+  }
+}
 
 inline bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 

@@ -59,6 +59,7 @@ void check_chunk(const at::Tensor& logits, const at::Tensor& target, int64_t voc
   TORCH_CHECK(target.is_cuda() && target.scalar_type() == at::kLong && target.is_contiguous() && target.numel() == logits.size(0),
               "ce: target_local must be a contiguous int64 [C] CUDA tensor");
   TORCH_CHECK(vocab_valid >= 0 && vocab_valid <= logits.size(1), "ce: vocab_valid out of range");
+  TORCH_CHECK(logits.size(0) <= INT_MAX && logits.size(1) <= INT_MAX, "ce: at most 2^31-1 rows and columns per chunk");
 }
 
 }  // namespace
@@ -100,6 +101,26 @@ at::Tensor ce_chunk_grad_(at::Tensor logits, const at::Tensor& lse, const at::Te
   return logits;
 }
 
+// acc += a @ b with acc fp32 and a, b in the matmul dtype. addmm with out_dtype=fp32 accumulates in the
+// GEMM's epilogue (one fp32 read and write of acc); where this build or device refuses it, the product is
+// formed in the matmul dtype and added (an extra [V, H] temporary and pass).
+static void accumulate_fp32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  static bool fused_ok = true;
+  if (a.scalar_type() == at::kFloat) {
+    acc.addmm_(a, b);
+    return;
+  }
+  if (fused_ok) {
+    try {
+      at::addmm_out(acc, acc, a, b, at::kFloat);
+      return;
+    } catch (const std::exception&) {
+      fused_ok = false;
+    }
+  }
+  acc.add_(at::mm(a, b));
+}
+
 // Returns {loss (fp32 scalar), grad_hidden (fp32 [N, H] or empty), grad_weight (fp32 [V, H] or empty)}.
 // `weight` is already in the matmul dtype; `hidden` is cast to it chunk by chunk.
 std::vector<at::Tensor> linear_ce_forward(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
@@ -136,7 +157,7 @@ std::vector<at::Tensor> linear_ce_forward(const at::Tensor& hidden, const at::Te
       at::Tensor row_scale = at::where(valid, scale.expand_as(lse), at::zeros_like(lse));
       ce_chunk_grad_(logits, lse, tl, vocab_valid, row_scale);
       if (need_h) grad_h.narrow(0, start, len).copy_(at::mm(logits, weight));
-      if (need_w) grad_w.add_(at::mm(logits.t(), h));
+      if (need_w) accumulate_fp32(grad_w, logits.t(), h);
     }
   }
   if (mean) loss.div_(n_valid);

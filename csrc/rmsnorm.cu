@@ -21,7 +21,7 @@ __global__ void rmsnorm_fwd_kernel(const TX* __restrict__ x, const TX* __restric
   const int64_t row = blockIdx.x;
   const int nvec = H / VEC;
   const TX* xr = x + row * H;
-  TX* sr = res ? s_out + row * H : nullptr;
+  TX* __restrict__ sr = res ? s_out + row * H : nullptr;
   float ss = 0.f;
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
     Vec<TX, VEC> a = load_vec<TX, VEC>(xr + i * VEC);
@@ -39,9 +39,15 @@ __global__ void rmsnorm_fwd_kernel(const TX* __restrict__ x, const TX* __restric
   }
   const float r = rsqrtf(block_sum(ss, smem) / H + eps);
   if (threadIdx.x == 0) rstd_out[row] = r;
-  const TX* src = res ? sr : xr;  // the same thread wrote these elements above
+  // Second pass over the row (from L1/L2): s is recomputed from x and residual, bit-identical, rather
+  // than re-read from s_out, which this kernel wrote (no read-after-write through the read-only path).
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const Vec<TX, VEC> a = load_vec<TX, VEC>(src + i * VEC);
+    Vec<TX, VEC> a = load_vec<TX, VEC>(xr + i * VEC);
+    if (res) {
+      const Vec<TX, VEC> b = load_vec<TX, VEC>(res + row * H + i * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) a.v[e] = from_f<TX>(to_f(a.v[e]) + to_f(b.v[e]));
+    }
     const Vec<TW, VEC> wv = load_vec<TW, VEC>(w + i * VEC);
     Vec<TO, VEC> o;
 #pragma unroll
@@ -55,12 +61,14 @@ __global__ void rmsnorm_bwd_kernel(const TO* __restrict__ dy, const TX* __restri
                                    const float* __restrict__ rstd, const TX* __restrict__ ds_in, TX* __restrict__ dx,
                                    float* __restrict__ dw_partial, int64_t rows, int H) {
   __shared__ float smem[32];
-  extern __shared__ float dw_acc[];  // H floats when dw_partial != nullptr
+  // H floats when dw_partial != nullptr; column i*VEC+e at dw_acc[e*nvec + i], so the threads of a warp
+  // (consecutive i) hit consecutive banks.
+  extern __shared__ float dw_acc[];
   const int nvec = H / VEC;
   if (dw_partial) {
     for (int i = threadIdx.x; i < nvec; i += blockDim.x)
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) dw_acc[i * VEC + e] = 0.f;
+      for (int e = 0; e < VEC; ++e) dw_acc[e * nvec + i] = 0.f;
   }
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const float r = rstd[row];
@@ -91,7 +99,7 @@ __global__ void rmsnorm_bwd_kernel(const TO* __restrict__ dy, const TX* __restri
         float v = r * (g - xh * c);
         if (ds_in) v += to_f(extra.v[e]);
         o.v[e] = from_f<TX>(v);
-        if (dw_partial) dw_acc[i * VEC + e] += to_f(d.v[e]) * to_f(from_f<TX>(xh));
+        if (dw_partial) dw_acc[e * nvec + i] += to_f(d.v[e]) * to_f(from_f<TX>(xh));
       }
       store_vec<TX, VEC>(dx + off + i * VEC, o);
     }
@@ -99,7 +107,7 @@ __global__ void rmsnorm_bwd_kernel(const TO* __restrict__ dy, const TX* __restri
   if (dw_partial) {  // each thread only ever touched its own columns: no barrier needed
     for (int i = threadIdx.x; i < nvec; i += blockDim.x)
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) dw_partial[int64_t(blockIdx.x) * H + i * VEC + e] = dw_acc[i * VEC + e];
+      for (int e = 0; e < VEC; ++e) dw_partial[int64_t(blockIdx.x) * H + i * VEC + e] = dw_acc[e * nvec + i];
   }
 }
 
@@ -113,8 +121,11 @@ std::vector<at::Tensor> rmsnorm_fwd(const at::Tensor& x, const c10::optional<at:
   SF_CHECK_CUDA(x); SF_CHECK_CONTIG(x); SF_CHECK_CUDA(weight); SF_CHECK_CONTIG(weight);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "rmsnorm_fwd: x [R, H], weight [H]");
   const bool has_res = residual.has_value() && residual->defined();
+  TORCH_CHECK(x.size(0) <= INT_MAX, "rmsnorm_fwd: at most 2^31-1 rows (one block per row)");
+  TORCH_CHECK(weight.device() == x.device(), "rmsnorm_fwd: weight must be on x's device");
   if (has_res) {
     SF_CHECK_CONTIG((*residual));
+    TORCH_CHECK(residual->device() == x.device(), "rmsnorm_fwd: residual must be on x's device");
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(), "rmsnorm_fwd: residual like x");
   }
   const c10::cuda::OptionalCUDAGuard guard(x.device());
@@ -156,21 +167,23 @@ std::vector<at::Tensor> rmsnorm_bwd(const at::Tensor& dy, const at::Tensor& xs, 
   TORCH_CHECK(xs.is_cuda() && weight.is_cuda() && rstd.is_cuda() && rstd.scalar_type() == at::kFloat &&
               rstd.numel() == xs.size(0), "rmsnorm_bwd: xs/weight/rstd must be CUDA tensors, rstd fp32 [R]");
   const bool has_ds = ds.has_value() && ds->defined();
+  TORCH_CHECK(xs.device() == dy.device() && weight.device() == dy.device() && rstd.device() == dy.device(),
+              "rmsnorm_bwd: all tensors on one device");
   if (has_ds) {
     SF_CHECK_CONTIG((*ds));
+    TORCH_CHECK(ds->device() == dy.device(), "rmsnorm_bwd: ds must be on dy's device");
     TORCH_CHECK(ds->sizes() == xs.sizes() && ds->scalar_type() == xs.scalar_type(), "rmsnorm_bwd: ds like xs");
   }
   const c10::cuda::OptionalCUDAGuard guard(xs.device());
   const int64_t rows = xs.size(0);
   const int H = static_cast<int>(xs.size(1));
   at::Tensor dx = at::empty_like(xs);
-  at::Tensor dw = at::zeros_like(weight);
+  at::Tensor dw = at::zeros_like(weight);  // stays zero without rows or without need_dw
   if (rows == 0 || H == 0) return {dx, dw};
   const int sms = sm_count();
-  const int64_t blocks = std::min<int64_t>(rows, 2 * sms);
   const size_t smem = need_dw ? size_t(H) * sizeof(float) : 0;
   TORCH_CHECK(smem <= 128 * 1024, "rmsnorm_bwd: hidden size ", H, " too large for the shared-memory dw accumulator");
-  at::Tensor partial = need_dw ? at::empty({blocks, H}, xs.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor partial;
   dispatch_float(xs.scalar_type(), "rmsnorm_bwd", [&](auto xv) {
     using TX = decltype(xv);
     dispatch_float(weight.scalar_type(), "rmsnorm_bwd", [&](auto wv) {
@@ -179,7 +192,6 @@ std::vector<at::Tensor> rmsnorm_bwd(const at::Tensor& dy, const at::Tensor& xs, 
       TORCH_CHECK(dy.scalar_type() == scalar_type_of<TO>(), "rmsnorm_bwd: dy dtype must be the forward output dtype");
       constexpr int V = 16 / sizeof(TX);
       const TX* ds_p = has_ds ? ds->data_ptr<TX>() : nullptr;
-      float* part_p = need_dw ? partial.data_ptr<float>() : nullptr;
       const bool vec = H % V == 0 && vec_ok<TO, V>(dy.data_ptr<TO>()) && vec_ok<TX, V>(xs.data_ptr<TX>()) &&
                        vec_ok<TW, V>(weight.data_ptr<TW>()) && vec_ok<TX, V>(dx.data_ptr<TX>()) &&
                        (!has_ds || vec_ok<TX, V>(ds_p));
@@ -187,6 +199,12 @@ std::vector<at::Tensor> rmsnorm_bwd(const at::Tensor& dy, const at::Tensor& xs, 
       auto launch = [&](auto kernel, int threads) {
         if (smem > 48 * 1024)
           C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        // As many persistent blocks as fit on the device at once (each one owns a dw partial row).
+        int per_sm = 0;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+        const int64_t blocks = std::min<int64_t>(rows, int64_t(std::max(per_sm, 1)) * sms);
+        if (need_dw) partial = at::empty({blocks, H}, xs.options().dtype(at::kFloat));
+        float* part_p = need_dw ? partial.data_ptr<float>() : nullptr;
         kernel<<<blocks, threads, smem, stream>>>(dy.data_ptr<TO>(), xs.data_ptr<TX>(), weight.data_ptr<TW>(),
                                                   rstd.data_ptr<float>(), ds_p, dx.data_ptr<TX>(), part_p, rows, H);
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,58 +1,62 @@
 """Single-GPU training benchmark: HF eager, HF + torch.compile, HF + Liger-Kernel and shardformer's
 fused kernels, side by side in one process, on the same model and the same batch.
 
-Full run (one H200 / H100; writes benchmarks/results/<gpu-name>-<YYYY-MM-DD>.json):
+Full run (one H100 / H200; writes benchmarks/results/<gpu-name>-<YYYY-MM-DD>.json):
 
     python examples/benchmark.py
 
-CPU smoke test (tiny model, fp32, no kernel micro-benchmarks; writes to the temp directory):
+CPU smoke test (tiny model, fp32; the compiled kernel references and Liger are skipped on CPU;
+writes to the temp directory):
 
     python examples/benchmark.py --tiny --device cpu --dtype fp32 --steps 2 --warmup 1
 
-``--out PATH`` writes the JSON elsewhere; ``--only`` / ``--kernels`` pick a subset (``--help``).
+``--out PATH`` writes the JSON elsewhere; ``--only`` / ``--kernels`` pick a subset; ``--time-budget S``
+skips the stages that no longer fit in S seconds (``--help``).
 
-What is measured
-----------------
 Model variants (each a fresh model with the same seed, so the same initial weights):
 
     hf_eager          transformers, attn_implementation="sdpa"
-    hf_compile        the same model wrapped in torch.compile
+    hf_compile        the same model wrapped in torch.compile (whole model)
     hf_liger          Liger-Kernel's apply_liger_kernel_to_llama(model=...) (only if it imports)
     sf_fused          sf.shard_model(model, ShardConfig(tp_size=1, enable_fused_kernels=True))
     sf_fused_compile  the shardformer model wrapped in torch.compile
 
-Default model: Llama-3.2-1B-shaped (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate
-8192, vocab 128256, tied embeddings), random init from a LlamaConfig (nothing is downloaded), batch
-8 x 2048, fp32 weights under bf16 autocast, fused AdamW. One training step is: forward with labels,
-backward, optimizer step, zero_grad. ``--warmup`` steps are run first (they include compilation),
-then ``--steps`` steps are timed with CUDA events.
+Default model: Llama-3.2-1B-shaped (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192,
+vocab 128256, tied embeddings), random init (nothing is downloaded), batch 8 x 2048, fp32 weights under
+bf16 autocast, fused AdamW. A step is forward with labels, backward, optimizer step, zero_grad.
+``--warmup`` untimed steps come first (compilation happens there), then ``--steps`` steps are timed
+with CUDA events. Per variant: tokens/s, model TFLOP/s, MFU against 989 TFLOP/s (H100/H200 dense
+bf16) and against the bf16 matmul rate measured in this run, peak memory (max_memory_allocated minus
+what was allocated before the variant; model, gradients and optimizer state included), the ratio to
+the best peer (peers: hf_compile and hf_liger; tokens/s against the fastest, memory against the
+leanest), first and last loss (every variant trains the same model on the same batch: they must
+agree to bf16 accuracy), graph breaks and recompilations of the compiled variants, and which
+shardformer CUDA ops ran per step.
 
-Per variant: tokens/s, model TFLOP/s, MFU against 989 TFLOP/s (H100/H200 dense bf16) and against
-the bf16 matmul rate measured in this run, peak memory (torch.cuda.max_memory_allocated, reset
-before each variant, model and optimizer included), the ratio to the best peer (peers: hf_compile
-and hf_liger; tokens/s against the fastest peer, memory against the peer with the lowest peak),
-the loss of the first and last step (a cross-check that every variant trains the same model),
-graph breaks of the compiled variants, and for shardformer which of its CUDA ops actually ran.
+FLOPs per token (DESIGN.md): 6 N + 12 L H S; L layers, H hidden size, S sequence length, attention
+counted full (not causal). N counts the parameters whose matmuls run: all but the input embedding,
+whose lookup costs no FLOPs. With tied embeddings that matrix is still the LM head's weight and its
+matmul runs, so it is counted once (N = unique parameters); untied, N = all minus the input embedding.
+Llama-3.2-1B: N = 1.236e9, 8.22 GFLOP/token, 134.7 TFLOP per 8 x 2048 step.
 
-FLOPs per token (DESIGN.md): 6 * N + 12 * L * H * S, where N counts the parameters that take part
-in matmuls: every parameter except the input embedding. With tied embeddings the LM head weight IS
-the embedding matrix; we count it once, as the LM head (its matmul is done; the embedding lookup is
-not), so N = the number of unique parameters. Without tying, N = all parameters minus the input
-embedding. L layers, H hidden size, S sequence length, attention counted full (not causal).
+Kernel micro-benchmarks, forward + backward, bf16 on CUDA: eager reference (HF's own module or
+function where one exists), torch.compile of it, shardformer, Liger. Memory-bound kernels report GB/s
+against a device-to-device copy (``dst.copy_(src)``, bytes = 2 x buffer) measured in this run; every
+logical tensor of the forward + backward is counted once, read or written (re-reads are not, so a
+kernel that must read x twice cannot reach the copy rate):
+    rmsnorm    [rows, hidden]     reads x, weight, dy; writes y, dx, dweight
+    swiglu     [rows, inter]      reads gate, up, dy;  writes y, dgate, dup
+    rotary     q [B, Hq, S, D], k [B, Hkv, S, D] (views of HF's [B, S, heads, D]), cos/sin [1, S, D]
+                                  reads q, k, cos, sin, dq_out, dk_out; writes q_out, k_out, dq, dk
+The LM head + cross-entropy ``linear_ce`` [tokens, hidden] x [vocab, hidden] is compute-bound: it
+reports TFLOP/s (6 x tokens x hidden x vocab) against the measured matmul rate, and each
+implementation's extra peak memory (the eager one materialises bf16 and fp32 logits).
 
-Kernel micro-benchmarks (CUDA only), forward + backward, achieved GB/s against a device-to-device
-copy (``dst.copy_(src)``, bytes = 2 * buffer size) measured in this run. Byte convention: every
-logical tensor of the forward + backward is counted once, read or written:
-    RMSNorm  [rows, hidden]   reads x, weight, dy; writes y, dx, dweight
-    SwiGLU   [rows, inter]    reads gate, up, dy;  writes y, dgate, dup
-    rotary   q [B, Hq, S, D], k [B, Hkv, S, D] (HF's layout: views of [B, S, heads, D]), cos/sin [1, S, D]
-                              reads q, k, cos, sin, dq_out, dk_out; writes q_out, k_out, dq, dk
-Re-reads (e.g. x again in the backward) are not counted, so a kernel that must read x twice cannot
-reach the copy rate under this convention.
-
-Every variant and every kernel implementation runs inside try/except: a failure (OOM, a compile
-error, a missing package) is recorded with its error text and the run continues. The JSON file is
-rewritten after every stage, so an interrupted run still leaves what it measured.
+Run order: every HF variant before any shardformer kernel touches the GPU (a faulting kernel poisons
+the CUDA context for the rest of the process), cheap stages before expensive ones, the compiled kernel
+references last. Every stage runs inside try/except (OOM, compile error, missing package: recorded,
+the run goes on); the JSON is rewritten after every stage, and SIGTERM (``timeout``) or Ctrl-C records
+the interrupted stage, writes the JSON and prints the table before exiting.
 """
 from __future__ import annotations
 
@@ -64,6 +68,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -73,31 +78,44 @@ import traceback
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama import modeling_llama
 
 import shardformer as sf
 from shardformer import kernels as sf_kernels
 from shardformer.kernels import reference as sf_reference
 
+HF_APPLY_ROTARY = modeling_llama.apply_rotary_pos_emb  # captured before anything rebinds it
 PEAK_TFLOPS_BF16 = 989.0  # H100 / H200 SXM dense bf16, the MFU denominator DESIGN.md fixes
-VARIANTS = ("hf_eager", "hf_compile", "hf_liger", "sf_fused", "sf_fused_compile")
+VARIANTS = ("hf_eager", "hf_compile", "hf_liger", "sf_fused", "sf_fused_compile")  # table order
 PEERS = ("hf_compile", "hf_liger")
 COMPILED = ("hf_compile", "sf_fused_compile")
-KERNELS = ("rmsnorm", "swiglu", "rotary")
+KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce")
+EST_S = {"variant": 25, "compiled": 90, "kernel": 10, "kernel_compiled": 20}  # for --time-budget
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1024 ** 3
 
-LLAMA_1B = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
-                batch=8, seq=2048)
+LLAMA_1B = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, batch=8, seq=2048)
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=250, batch=2, seq=64)
-# kernel shapes: (RMSNorm rows, hidden), SwiGLU (rows, intermediate), rotary (B, Hq, Hkv, S, D)
-KERNEL_SHAPES = dict(rmsnorm=(32768, 4096), swiglu=(16384, 8192), rotary=(8, 32, 8, 2048, 64))
-TINY_KERNEL_SHAPES = dict(rmsnorm=(1024, 256), swiglu=(1024, 256), rotary=(2, 4, 2, 64, 16))
+# rmsnorm (rows, hidden), swiglu (rows, inter), rotary (B, Hq, Hkv, S, D), linear_ce (tokens, hidden, vocab)
+KERNEL_SHAPES = dict(rmsnorm=(32768, 4096), swiglu=(16384, 8192), rotary=(8, 32, 8, 2048, 64),
+                     linear_ce=(16384, 2048, 128256))
+TINY_KERNEL_SHAPES = dict(rmsnorm=(1024, 256), swiglu=(1024, 256), rotary=(2, 4, 2, 64, 16), linear_ce=(256, 64, 1000))
 
 
 def log(msg: str = "") -> None:
     print(msg, flush=True)
+
+
+class Interrupted(BaseException):
+    """SIGTERM arrived (a BaseException, so no stage's `except Exception` swallows it)."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough; the report is written next
+    raise Interrupted("SIGTERM")
 
 
 # ============================================================================ command line
@@ -116,10 +134,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
-                   help="autocast dtype over fp32 weights (fp32 = no autocast); default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny model (hidden 64, 2 layers, vocab 250, batch 2 x 64) and tiny kernel shapes")
-    for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "batch", "seq"):
+                   help="autocast dtype over fp32 weights (fp32 = no autocast) and kernel dtype; "
+                        "default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--tiny", action="store_true", help="tiny model (hidden 64, 2 layers, vocab 250, batch 2 x 64) "
+                                                       "and tiny kernel shapes")
+    for name in LLAMA_1B:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=f"default {LLAMA_1B[name]} ({TINY[name]} with --tiny)")
     p.add_argument("--untied", action="store_true", help="separate LM head (default: tied embeddings)")
@@ -127,13 +146,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {', '.join(VARIANTS)}, or none")
+    p.add_argument("--only", default=",".join(VARIANTS), help=f"subset of {', '.join(VARIANTS)}, or none")
     p.add_argument("--kernels", default=",".join(KERNELS),
-                   help=f"kernel micro-benchmarks to run (CUDA only): subset of {', '.join(KERNELS)}, or none")
+                   help=f"kernel micro-benchmarks: subset of {', '.join(KERNELS)}, or none "
+                        "(full-size shapes need CUDA; on CPU they run with --tiny)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
-    p.add_argument("--matmul-size", type=int, default=None,
-                   help="square matmul used to measure the achievable rate (default 8192 on CUDA, 1024 on CPU)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds from start: a stage that would not fit is skipped and recorded as such")
+    p.add_argument("--matmul-size", type=int, default=None, help="square bf16 matmul that measures the achievable "
+                                                                 "rate (default 8192 on CUDA, 1024 on CPU)")
     p.add_argument("--copy-gib", type=float, default=1.0, help="buffer size of the device-copy bandwidth test")
     p.add_argument("--out", default=None,
                    help="JSON path (default benchmarks/results/<gpu>-<date>.json on CUDA, the temp dir on CPU)")
@@ -143,16 +164,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False")
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device == "cuda" else "fp32"
-    preset = TINY if args.tiny else LLAMA_1B
-    for name, value in preset.items():
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    for name, value in (TINY if args.tiny else LLAMA_1B).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.variants = _names(args.only, VARIANTS, "--only")
     args.kernel_list = _names(args.kernels, KERNELS, "--kernels")
-    if args.matmul_size is None:
-        args.matmul_size = 8192 if args.device == "cuda" else 1024
+    args.matmul_size = args.matmul_size or (8192 if args.device == "cuda" else 1024)
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
     return args
@@ -175,43 +193,34 @@ def _slug(text: str) -> str:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
     except Exception:  # noqa: BLE001 - a copy without .git, no git binary: just unknown
         return None
 
 
-def _version(module_name: str) -> str | None:
+def _dist_version(name: str) -> str | None:
     try:
-        module = __import__(module_name)
-        return getattr(module, "__version__", "unknown")
+        from importlib.metadata import version
+        return version(name)
     except Exception:  # noqa: BLE001
         return None
 
 
 def environment(args) -> dict:
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
-        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": args.device,
-        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-        "cpu": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "triton": _version("triton"),
-        "liger_kernel": _liger_version(),
-        "shardformer": getattr(sf, "__version__", None),
-        "shardformer_commit": _git_commit(),
-    }
+    now = _dt.datetime.now(_dt.timezone.utc)
+    env = {"date": now.strftime("%Y-%m-%d"), "time_utc": now.isoformat(timespec="seconds"), "device": args.device,
+           "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+           "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+           "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+           "triton": _dist_version("triton"), "liger_kernel": _dist_version("liger-kernel"),
+           "shardformer": getattr(sf, "__version__", None), "shardformer_commit": _git_commit()}
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        env["gpu_memory_gib"] = round(props.total_memory / GIB, 1)
-        env["gpu_sm_count"] = props.multi_processor_count
+        env |= {"gpu_memory_gib": round(props.total_memory / GIB, 1), "gpu_sm_count": props.multi_processor_count}
     return env
 
 
-def default_out_path(env: dict) -> str:
+def results_path(env: dict) -> str:
     if env["device"] == "cuda":
         return os.path.join(REPO_ROOT, "benchmarks", "results", f"{_slug(env['gpu'])}-{env['date']}.json")
     return os.path.join(tempfile.gettempdir(), f"shardformer-benchmark-cpu-{env['date']}.json")
@@ -219,16 +228,15 @@ def default_out_path(env: dict) -> str:
 
 def save(report: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
 
 def error_record(exc: BaseException) -> dict:
-    text = f"{type(exc).__name__}: {exc}"
-    return {"status": "failed", "error": text[:2000], "traceback": traceback.format_exc()[-4000:]}
+    return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000],
+            "traceback": traceback.format_exc()[-4000:]}
 
 
 # ============================================================================ timing, memory
@@ -244,97 +252,83 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def reset_peak(device: str) -> None:
-    free_memory(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+def allocated(device: str) -> int:
+    return torch.cuda.memory_allocated() if device == "cuda" else 0
 
 
-def peak_gib(device: str) -> dict:
+def start_peak(device: str) -> int:
+    """Reset the peak counter; return what is allocated now (the baseline the peak is taken over)."""
     if device != "cuda":
-        return {"peak_mem_gib": None, "peak_reserved_gib": None}
-    return {"peak_mem_gib": torch.cuda.max_memory_allocated() / GIB,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+        return 0
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
-class StepTimer:
-    """Per-step wall time: CUDA events on the GPU (no sync inside the timed loop), perf_counter on CPU."""
-
-    def __init__(self, device: str):
-        self.cuda = device == "cuda"
-        self.marks = []
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def intervals_s(self) -> list[float]:
-        """Seconds between consecutive marks (synchronizes first)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+def peak_over(device: str, base: int) -> float | None:
+    return (torch.cuda.max_memory_allocated() - base) / GIB if device == "cuda" else None
 
 
-def time_op(fn, device: str, warmup: int = 3, iters: int = 20, reps: int = 3) -> float:
-    """Median over `reps` of the mean seconds per call of `fn` over `iters` calls, after `warmup` calls."""
+def time_calls(fn, n: int, device: str) -> list[float]:
+    """Seconds of each of `n` calls: CUDA events between calls (one sync at the end), else perf_counter."""
+    if device == "cuda":
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        marks[0].record()
+        for i in range(n):
+            fn()
+            marks[i + 1].record()
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    out, last = [], time.perf_counter()
+    for _ in range(n):
+        fn()
+        now = time.perf_counter()
+        out.append(now - last)
+        last = now
+    return out
+
+
+def time_op(fn, device: str, warmup: int = 3, reps: int = 3, target_s: float = 0.1) -> float:
+    """Median over `reps` of the mean seconds per call; calls per rep sized to take about `target_s`."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    per_call = []
-    for _ in range(reps):
-        timer = StepTimer(device)
-        timer.mark()
-        for _ in range(iters):
-            fn()
-        timer.mark()
-        per_call.append(timer.intervals_s()[0] / iters)
-    return sorted(per_call)[len(per_call) // 2]
+    iters = max(3, min(50, int(target_s / max(time_calls(fn, 1, device)[0], 1e-6))))
+    per_call = sorted(sum(time_calls(fn, iters, device)) / iters for _ in range(reps))
+    return per_call[len(per_call) // 2]
 
 
 # ============================================================================ FLOPs, reference rates
 def count_flops(config: LlamaConfig, seq: int) -> dict:
-    """FLOPs per token = 6 N + 12 L H S (see the module docstring for what N counts)."""
+    """FLOPs per token = 6 N + 12 L H S (the module docstring says what N counts)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    unique = {id(p): p.numel() for p in model.parameters()}  # tied weights counted once
+    unique = {id(p): p.numel() for p in model.parameters()}  # a tied matrix once
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embedding
     n = sum(unique.values()) - (0 if tied else embedding.numel())
     attention = 12 * config.num_hidden_layers * config.hidden_size * seq
-    return {"params_total_unique": sum(unique.values()), "params_N": n, "tied_embeddings": tied,
-            "flops_per_token": 6 * n + attention, "flops_per_token_attention": attention,
-            "convention": "6*N + 12*L*H*S; N = all unique parameters except the input embedding "
-                          "(tied: the shared matrix is counted once, as the LM head); full attention"}
+    return {"params_unique": sum(unique.values()), "params_embedding": embedding.numel(), "params_N": n,
+            "tied_embeddings": tied, "flops_per_token": 6 * n + attention, "flops_per_token_attention": attention,
+            "convention": "6*N + 12*L*H*S; N = unique parameters except the input embedding's lookup "
+                          "(tied: the shared matrix counted once, as the LM head); full attention"}
 
 
 def measure_matmul(device: str, n: int, dtype: torch.dtype) -> dict:
     """Achievable dense matmul rate: C = A @ B, n x n x n, 2 n^3 FLOPs per call."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
-    iters = 20 if device == "cuda" else 3
-    seconds = time_op(lambda: torch.matmul(a, b, out=c), device, warmup=3, iters=iters)
-    del a, b, c
-    free_memory(device)
+    seconds = time_op(lambda: torch.matmul(a, b, out=c), device, target_s=0.2)
     return {"size": n, "dtype": str(dtype).replace("torch.", ""), "seconds": seconds,
             "tflops": 2 * n ** 3 / seconds / 1e12}
 
 
 def measure_copy(device: str, gib: float) -> dict:
     """Device-to-device copy bandwidth: dst.copy_(src), bytes = 2 x buffer (read + write)."""
-    n = int(gib * GIB) // 2
-    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    src = torch.randn(int(gib * GIB) // 2, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    seconds = time_op(lambda: dst.copy_(src), device, warmup=3, iters=20)
+    seconds = time_op(lambda: dst.copy_(src), device, target_s=0.1)
     nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
-    free_memory(device)
-    return {"buffer_gib": n * 2 / GIB, "bytes": nbytes, "seconds": seconds, "gb_per_s": nbytes / seconds / 1e9}
+    return {"buffer_gib": nbytes / 2 / GIB, "bytes": nbytes, "seconds": seconds, "gb_per_s": nbytes / seconds / 1e9}
 
 
 # ============================================================================ model variants
@@ -346,57 +340,48 @@ def liger_import_error() -> str | None:
         return f"liger_kernel does not import ({type(exc).__name__}: {exc})"
 
 
-def _liger_version() -> str | None:
-    try:
-        from importlib.metadata import version
-        return version("liger-kernel")
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def skip_reason(name: str, args) -> str | None:
     if name == "hf_liger":
-        reason = liger_import_error()
-        if reason:
-            return reason
-        if args.device != "cuda":
-            return "Liger-Kernel runs Triton kernels and needs CUDA"
+        return liger_import_error() or (None if args.device == "cuda" else "Liger-Kernel's Triton kernels need CUDA")
     return None
 
 
-def ensure_process_group(device: str) -> bool:
-    """Initialise a world of 1 (nccl on CUDA, gloo on CPU) unless one exists; True if created here."""
-    if dist.is_initialized():
-        return False
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    backend = "nccl" if device == "cuda" else "gloo"
-    kwargs = {"device_id": torch.device("cuda", torch.cuda.current_device())} if device == "cuda" else {}
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **kwargs)
-    return True
+def ensure_process_group(device: str) -> str:
+    """A world of 1 unless one exists (nccl on CUDA, gloo if nccl does not start, gloo on CPU); its backend.
+    With tp = dp = 1 shardformer runs no collective, so the backend costs nothing in the timed steps."""
+    for backend in (("nccl", "gloo") if device == "cuda" else ("gloo",)):
+        if dist.is_initialized():
+            break
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        kwargs = {"device_id": torch.device("cuda", torch.cuda.current_device())} if backend == "nccl" else {}
+        try:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            log(f"init_process_group({backend!r}) failed ({type(exc).__name__}: {exc}); trying the next backend")
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return dist.get_backend()
 
 
 class ModelingPatchGuard:
-    """Restores transformers' modeling_llama module globals and class attributes that a patcher
-    (Liger, shardformer's rotary switch) rebinds, so later variants see unpatched HF code."""
+    """Restores modeling_llama's module globals and class attributes that a patcher (Liger,
+    shardformer's rotary switch) rebinds, so that later variants run unpatched HF code."""
 
     def __init__(self):
-        from transformers.models.llama import modeling_llama
-        self.module = modeling_llama
         self.globals = dict(vars(modeling_llama))
         self.classes = {name: dict(vars(obj)) for name, obj in self.globals.items()
                         if isinstance(obj, type) and obj.__module__ == modeling_llama.__name__}
 
     def restore(self):
         for name, value in self.globals.items():
-            if getattr(self.module, name, None) is not value:
-                setattr(self.module, name, value)
+            if getattr(modeling_llama, name, None) is not value:
+                setattr(modeling_llama, name, value)
         for name, saved in self.classes.items():
-            cls = self.globals[name]
             for attr, value in saved.items():
-                if vars(cls).get(attr) is not value and attr not in ("__dict__", "__weakref__"):
-                    setattr(cls, attr, value)
+                if attr not in ("__dict__", "__weakref__") and vars(self.globals[name]).get(attr) is not value:
+                    setattr(self.globals[name], attr, value)
 
 
 def build_model(config: LlamaConfig, device: str, seed: int) -> LlamaForCausalLM:
@@ -405,155 +390,147 @@ def build_model(config: LlamaConfig, device: str, seed: int) -> LlamaForCausalLM
         model = LlamaForCausalLM(config)
     if model.config._attn_implementation != "sdpa":
         raise RuntimeError(f"expected attn_implementation 'sdpa', got {model.config._attn_implementation!r}")
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise RuntimeError(f"expected fp32 weights, got {dtypes}")
     return model.train()
 
 
-def prepare(name: str, model: torch.nn.Module, args, info: dict) -> torch.nn.Module:
-    """Apply the variant's transformation; return the callable model (maybe a compiled wrapper)."""
+def prepare(name: str, model: torch.nn.Module, args, info: dict):
+    """Apply the variant's transformation; return (model, the callable that runs it)."""
     if name == "hf_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
         apply_liger_kernel_to_llama(model=model)  # rope, rms_norm, swiglu, fused linear cross-entropy
     if name.startswith("sf_"):
-        info["process_group_created"] = ensure_process_group(args.device)
+        info["process_group_backend"] = ensure_process_group(args.device)
         model = sf.shard_model(model, config=sf.ShardConfig(tp_size=1, enable_fused_kernels=True))
-        from transformers.models.llama import modeling_llama
         info["fused_modules"] = {
             "FusedRMSNorm": sum(isinstance(m, sf_kernels.FusedRMSNorm) for m in model.modules()),
             "FusedSwiGLUMLP": sum(isinstance(m, sf_kernels.FusedSwiGLUMLP) for m in model.modules()),
-            "fused_rotary_installed": getattr(modeling_llama.apply_rotary_pos_emb, "__module__", "")
-            .startswith("shardformer"),
+            "fused_rotary_installed": modeling_llama.apply_rotary_pos_emb.__module__.startswith("shardformer"),
         }
-        info["cuda_extension_loaded"] = sf_kernels.available()
     if name in COMPILED:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
-        model = torch.compile(model, **kwargs)
-    return model
+        return model, torch.compile(model, **({"mode": args.compile_mode} if args.compile_mode else {}))
+    return model, model
 
 
-def train_step(model, opt, ids, autocast) -> torch.Tensor:
+def train_step(runner, opt, ids, autocast, compiled: bool) -> torch.Tensor:
+    if compiled:  # needed by the CUDA-graph modes (--compile-mode reduce-overhead); a no-op otherwise
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast():
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = runner(input_ids=ids, labels=ids).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss.detach().clone()
 
 
-def fused_ops_seen(model, opt, ids, autocast) -> dict:
-    """One extra (untimed) step under the profiler: how often each shardformer:: op ran per step."""
+def shardformer_ops_per_step(step) -> dict:
+    """One extra (untimed) step under the profiler: how often each shardformer:: op ran."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train_step(model, opt, ids, autocast)
-    counts = {}
+        step()
+    counts: dict = {}
     for event in prof.events():
         if event.name.startswith("shardformer::"):
             counts[event.name] = counts.get(event.name, 0) + 1
     return dict(sorted(counts.items()))
 
 
+def unique_graphs() -> int:
+    return int(torch._dynamo.utils.counters.get("stats", {}).get("unique_graphs", 0))
+
+
 def graph_break_stats() -> dict:
-    counters = torch._dynamo.utils.counters
-    breaks = counters.get("graph_break", {})
-    reasons = sorted(breaks.items(), key=lambda kv: -kv[1])[:5]
-    return {"graph_breaks": int(sum(breaks.values())),
-            "unique_graphs": int(counters.get("stats", {}).get("unique_graphs", 0)),
-            "graph_break_reasons": [{"count": c, "reason": str(r)[:300]} for r, c in reasons]}
+    breaks = torch._dynamo.utils.counters.get("graph_break", {})
+    top = sorted(breaks.items(), key=lambda kv: -kv[1])[:5]
+    return {"graph_breaks": int(sum(breaks.values())), "unique_graphs": unique_graphs(),
+            "graph_break_reasons": [{"count": c, "reason": str(r)[:300]} for r, c in top]}
 
 
 def run_variant(name: str, args, config: LlamaConfig, ids: torch.Tensor, flops: dict) -> dict:
-    device = args.device
+    device, compiled = args.device, name in COMPILED
     reason = skip_reason(name, args)
     if reason:
-        return {"status": "skipped", "reason": reason, "wall_s": 0.0}
+        return {"status": "skipped", "reason": reason}
     info: dict = {"status": "ok"}
+    if name.startswith("sf_"):  # build / load the extension outside every timed region (it may be building)
+        t0 = time.perf_counter()
+        info["cuda_extension_loaded"] = sf_kernels.available()
+        info["cuda_extension_wait_s"] = time.perf_counter() - t0
     guard = ModelingPatchGuard()
-    reset_peak(device)
+    free_memory(device)
+    base = start_peak(device)
     started = time.perf_counter()
     model = runner = opt = None
     try:
         model = build_model(config, device, args.seed)
-        runner = prepare(name, model, args, info)
+        model, runner = prepare(name, model, args, info)
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=(device == "cuda"))
-        autocast = autocast_factory(args)
-        losses = []
-        for _ in range(args.warmup):
-            losses.append(train_step(runner, opt, ids, autocast))
+        autocast = (contextlib.nullcontext if args.dtype == "fp32"
+                    else lambda: torch.autocast(device, dtype=torch.bfloat16))
+
+        def step():
+            return train_step(runner, opt, ids, autocast, compiled)
+
+        losses = [step() for _ in range(args.warmup)]
         synchronize(device)
         info["warmup_s"] = time.perf_counter() - started
-        timer = StepTimer(device)
-        timer.mark()
-        for _ in range(args.steps):
-            losses.append(train_step(runner, opt, ids, autocast))
-            timer.mark()
-        steps_s = timer.intervals_s()
-        info.update(peak_gib(device))
+        graphs = unique_graphs()
+        steps_s = time_calls(lambda: losses.append(step()), args.steps, device)
+        info["peak_mem_gib"] = peak_over(device, base)
+        info["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB if device == "cuda" else None
+        info["mem_before_gib"] = base / GIB
         total = sum(steps_s)
-        tokens = ids.numel() * args.steps
-        info.update({
-            "step_s_mean": total / args.steps,
-            "step_s_median": sorted(steps_s)[len(steps_s) // 2],
-            "tokens_per_s": tokens / total,
-            "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
-        })
-        tflops = info["tokens_per_s"] * flops["flops_per_token"] / 1e12
-        info["model_tflops"] = tflops
-        if name in COMPILED:
-            info.update(graph_break_stats())
+        info |= {"step_s_mean": total / args.steps, "step_s_median": sorted(steps_s)[args.steps // 2],
+                 "step_s_min": min(steps_s), "step_s_max": max(steps_s),
+                 "tokens_per_s": ids.numel() * args.steps / total,
+                 "model_tflops": ids.numel() * args.steps / total * flops["flops_per_token"] / 1e12,
+                 "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
+        if compiled:
+            info |= graph_break_stats()
+            info["recompiled_while_timed"] = unique_graphs() != graphs
         if name.startswith("sf_"):
-            info["shardformer_ops_per_step"] = fused_ops_seen(runner, opt, ids, autocast)
+            info["shardformer_ops_per_step"] = shardformer_ops_per_step(step)
     except Exception as exc:  # noqa: BLE001 - record and go on to the next variant
-        info = {**info, **error_record(exc), **peak_gib(device)}
-        if name in COMPILED:
-            info.update(graph_break_stats())
+        info |= error_record(exc) | {"peak_mem_gib": peak_over(device, base)}
+        if compiled:
+            info |= graph_break_stats()
     finally:
-        del model, runner, opt
+        model = runner = opt = step = None  # drop every reference before measuring what is left
         if name.startswith("sf_"):
             sf_kernels.disable_fused_rotary()
         guard.restore()
         torch._dynamo.reset()
         free_memory(device)
+    info["mem_left_after_gib"] = (allocated(device) - base) / GIB if device == "cuda" else None  # a leak if > 0
     info["wall_s"] = time.perf_counter() - started
     return info
 
 
-def autocast_factory(args):
-    if args.dtype == "fp32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(args.device, dtype=torch.bfloat16)
-
-
 def add_ratios(variants: dict, matmul: dict | None) -> None:
-    """MFU against 989 and the measured matmul rate; ratios to the best peer."""
+    """MFU against 989 and against the measured matmul rate; ratios to the best peer; loss agreement."""
     ok = {n: v for n, v in variants.items() if v.get("status") == "ok"}
-    for v in ok.values():
-        v["mfu_vs_989"] = v["model_tflops"] / PEAK_TFLOPS_BF16
-        v["mfu_vs_measured_matmul"] = v["model_tflops"] / matmul["tflops"] if matmul else None
     peers = {n: ok[n] for n in PEERS if n in ok}
     fastest = max(peers, key=lambda n: peers[n]["tokens_per_s"]) if peers else None
     with_mem = {n: p for n, p in peers.items() if p.get("peak_mem_gib")}
     leanest = min(with_mem, key=lambda n: with_mem[n]["peak_mem_gib"]) if with_mem else None
+    ref_loss = ok.get("hf_eager", {}).get("loss_first")
     for v in ok.values():
-        v["best_peer_tokens"] = fastest
+        v["mfu_vs_989"] = v["model_tflops"] / PEAK_TFLOPS_BF16
+        v["mfu_vs_measured_matmul"] = v["model_tflops"] / matmul["tflops"] if matmul else None
+        v["best_peer_tokens"], v["best_peer_mem"] = fastest, leanest
         v["tokens_vs_best_peer"] = v["tokens_per_s"] / peers[fastest]["tokens_per_s"] if fastest else None
-        v["best_peer_mem"] = leanest
         v["peak_mem_vs_best_peer"] = (v["peak_mem_gib"] / with_mem[leanest]["peak_mem_gib"]
                                       if leanest and v.get("peak_mem_gib") else None)
+        v["loss_first_rel_diff_vs_hf_eager"] = abs(v["loss_first"] - ref_loss) / abs(ref_loss) if ref_loss else None
 
 
 # ============================================================================ kernel micro-benchmarks
-def _grad_fn(forward, inputs, grads_out):
-    """Forward + backward of `forward()` w.r.t. `inputs`, seeded with `grads_out` (no accumulation)."""
-    def fn():
-        out = forward()
-        out = out if isinstance(out, tuple) else (out,)
-        return torch.autograd.grad(out, inputs, grads_out)
-    return fn
-
-
-def _liger_impl(kind: str):
-    """Liger-Kernel's version of a kernel, or None when it does not import / has no such op."""
+def _liger(kind: str):
+    """Liger-Kernel's implementation of a kernel (a class or function), or None."""
     try:
         if kind == "rmsnorm":
             from liger_kernel.transformers import LigerRMSNorm
@@ -564,106 +541,119 @@ def _liger_impl(kind: str):
         if kind == "rotary":
             from liger_kernel.transformers import liger_rotary_pos_emb
             return liger_rotary_pos_emb
+        if kind == "linear_ce":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+            return LigerFusedLinearCrossEntropyLoss
     except Exception:  # noqa: BLE001
         return None
-    return None
 
 
-def rmsnorm_cases(shape, dtype, device):
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    rows, hidden = shape
-    eps = 1e-6
-    x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
-    dy = torch.randn_like(x)
-    hf = LlamaRMSNorm(hidden, eps=eps).to(device=device, dtype=dtype)
-    compiled = torch.compile(LlamaRMSNorm(hidden, eps=eps).to(device=device, dtype=dtype))
-    weight = torch.nn.Parameter(torch.ones(hidden, device=device, dtype=dtype))
-    esz = x.element_size()
-    nbytes = 4 * x.numel() * esz + 2 * hidden * esz  # x, dy in; y, dx out; weight in, dweight out
-    cases = {
-        "hf_eager": _grad_fn(lambda: hf(x), (x, hf.weight), dy),
-        "hf_compile": _grad_fn(lambda: compiled(x), (x, compiled.weight), dy),
-        "shardformer": _grad_fn(lambda: sf_kernels.rms_norm(x, weight, eps), (x, weight), dy),
-    }
-    liger = _liger_impl("rmsnorm")
-    if liger is not None:
-        lmod = liger(hidden, eps=eps).to(device=device, dtype=dtype)
-        cases["liger"] = _grad_fn(lambda: lmod(x), (x, lmod.weight), dy)
-    return cases, nbytes
+def kernel_case(kind: str, shape, dtype, device) -> dict:
+    """Inputs (leaves that take gradients), output gradients, the work done, and the implementations:
+    name -> function of the inputs; "eager" is the reference that "compiled" compiles."""
+    liger, esz = _liger(kind), torch.finfo(dtype).bits // 8
+
+    def leaf(*size, scale=1.0):
+        return (torch.randn(*size, device=device, dtype=dtype) * scale).requires_grad_()
+
+    if kind == "rmsnorm":
+        (rows, hidden), eps = shape, 1e-6
+        ins = (leaf(rows, hidden), torch.nn.Parameter(torch.ones(hidden, device=device, dtype=dtype)))
+        hf = modeling_llama.LlamaRMSNorm(hidden, eps=eps).to(device)
+        hf.weight = ins[1]
+        impls = {"eager": lambda x, w: hf(x), "shardformer": lambda x, w: sf_kernels.rms_norm(x, w, eps)}
+        if liger:
+            lmod = liger(hidden, eps=eps).to(device)
+            lmod.weight = ins[1]
+            impls["liger"] = lambda x, w: lmod(x)
+        return dict(ins=ins, grads=torch.randn(rows, hidden, device=device, dtype=dtype), impls=impls,
+                    bytes=(4 * rows * hidden + 2 * hidden) * esz)
+    if kind == "swiglu":
+        rows, inter = shape
+        impls = {"eager": sf_reference.swiglu, "shardformer": sf_kernels.swiglu}
+        if liger:
+            impls["liger"] = liger
+        return dict(ins=(leaf(rows, inter), leaf(rows, inter)), impls=impls, bytes=6 * rows * inter * esz,
+                    grads=torch.randn(rows, inter, device=device, dtype=dtype))
+    if kind == "rotary":  # q/k are HF's [B, S, heads, D] projections viewed as [B, heads, S, D]
+        b, hq, hkv, s, d = shape
+        angle = torch.arange(s, device=device, dtype=torch.float32)[:, None] * torch.rand(d // 2, device=device)
+        angle = torch.cat((angle, angle), dim=-1)[None]
+        cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+
+        def hf_layout(fn):
+            return lambda q, k: tuple(fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin))
+
+        impls = {"eager": hf_layout(HF_APPLY_ROTARY), "shardformer": hf_layout(sf_kernels.apply_rotary)}
+        if liger:
+            impls["liger"] = hf_layout(liger)
+        grads = tuple(torch.randn(b, h, s, d, device=device, dtype=dtype) for h in (hq, hkv))
+        return dict(ins=(leaf(b, s, hq, d), leaf(b, s, hkv, d)), grads=grads, impls=impls,
+                    bytes=(4 * b * s * (hq + hkv) * d + 2 * s * d) * esz)
+    if kind == "linear_ce":  # HF's loss upcasts the logits to fp32
+        tokens, hidden, vocab = shape
+        target = torch.randint(0, vocab, (tokens,), device=device)
+        impls = {"eager": lambda h, w: F.cross_entropy(F.linear(h, w).float(), target),
+                 "shardformer": lambda h, w: sf_kernels.linear_cross_entropy(h, w, target)}
+        if liger:
+            lce = liger()
+            impls["liger"] = lambda h, w: lce(w, h, target)
+        return dict(ins=(leaf(tokens, hidden), leaf(vocab, hidden, scale=0.02)), grads=None,  # d loss = 1
+                    impls=impls, flops=6 * tokens * hidden * vocab)
+    raise ValueError(kind)
 
 
-def swiglu_cases(shape, dtype, device):
-    rows, inter = shape
-    gate = torch.randn(rows, inter, device=device, dtype=dtype, requires_grad=True)
-    up = torch.randn_like(gate, requires_grad=True)
-    dy = torch.randn_like(gate)
-    compiled = torch.compile(sf_reference.swiglu)
-    nbytes = 6 * gate.numel() * gate.element_size()  # gate, up, dy in; y, dgate, dup out
-    ins = (gate, up)
-    cases = {
-        "eager_reference": _grad_fn(lambda: sf_reference.swiglu(gate, up), ins, dy),
-        "compiled_reference": _grad_fn(lambda: compiled(gate, up), ins, dy),
-        "shardformer": _grad_fn(lambda: sf_kernels.swiglu(gate, up), ins, dy),
-    }
-    liger = _liger_impl("swiglu")
-    if liger is not None:
-        cases["liger"] = _grad_fn(lambda: liger(gate, up), ins, dy)
-    return cases, nbytes
+def time_kernel(fn, case: dict, device: str, ceilings: dict) -> dict:
+    ins, grads = case["ins"], case["grads"]
+
+    def fwd_bwd():
+        out = fn(*ins)
+        out = out if isinstance(out, tuple) else (out,)
+        dout = tuple(map(torch.ones_like, out)) if grads is None else grads if isinstance(grads, tuple) else (grads,)
+        return torch.autograd.grad(out, ins, dout)
+
+    free_memory(device)
+    fwd_bwd()  # first call (compilation, autotuning) outside the peak and the timing
+    synchronize(device)
+    base = start_peak(device)
+    fwd_bwd()
+    extra = peak_over(device, base)
+    seconds = time_op(fwd_bwd, device)
+    r = {"status": "ok", "ms": seconds * 1e3, "extra_peak_mem_gib": extra}
+    if "bytes" in case:
+        r["gb_per_s"] = case["bytes"] / seconds / 1e9
+        r["vs_copy"] = r["gb_per_s"] / ceilings["copy"]["gb_per_s"] if ceilings.get("copy") else None
+    else:
+        r["tflops"] = case["flops"] / seconds / 1e12
+        r["vs_matmul"] = r["tflops"] / ceilings["matmul"]["tflops"] if ceilings.get("matmul") else None
+    return r
 
 
-def rotary_cases(shape, dtype, device):
-    b, hq, hkv, s, d = shape
-    # HF's layout: q/k are [B, S, heads, D] projections viewed as [B, heads, S, D]
-    qb = torch.randn(b, s, hq, d, device=device, dtype=dtype, requires_grad=True)
-    kb = torch.randn(b, s, hkv, d, device=device, dtype=dtype, requires_grad=True)
-    angle = torch.arange(s, device=device, dtype=torch.float32)[:, None] * torch.rand(d // 2, device=device)
-    angle = torch.cat((angle, angle), dim=-1)[None]
-    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
-    dq = torch.randn(b, hq, s, d, device=device, dtype=dtype)
-    dk = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
-    compiled = torch.compile(sf_reference.apply_rotary)
-    esz = qb.element_size()
-    nbytes = 4 * (qb.numel() + kb.numel()) * esz + 2 * cos.numel() * esz
-
-    def call(fn):
-        return lambda: tuple(fn(qb.transpose(1, 2), kb.transpose(1, 2), cos, sin))
-
-    ins, outs = (qb, kb), (dq, dk)
-    cases = {
-        "eager_reference": _grad_fn(call(sf_reference.apply_rotary), ins, outs),
-        "compiled_reference": _grad_fn(call(compiled), ins, outs),
-        "shardformer": _grad_fn(call(sf_kernels.apply_rotary), ins, outs),
-    }
-    liger = _liger_impl("rotary")
-    if liger is not None:
-        cases["liger"] = _grad_fn(call(liger), ins, outs)
-    return cases, nbytes
-
-
-KERNEL_CASES = {"rmsnorm": rmsnorm_cases, "swiglu": swiglu_cases, "rotary": rotary_cases}
-
-
-def run_kernel(kind: str, shape, device: str, copy: dict | None) -> dict:
-    dtype = torch.bfloat16
-    result = {"shape": list(shape), "dtype": "bfloat16", "impls": {},
-              "shardformer_backend": "cuda" if sf_kernels.available() else "pytorch reference (extension not loaded)"}
+def run_kernel(kind: str, shape, args, ceilings: dict, result: dict | None, compiled: bool) -> dict:
+    """Uncompiled implementations (compiled=False) or the compiled reference (True) into `result`."""
+    device = args.device
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    result = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impls": {}} | (result or {})
     try:
-        cases, nbytes = KERNEL_CASES[kind](shape, dtype, device)
+        case = kernel_case(kind, shape, dtype, device)
     except Exception as exc:  # noqa: BLE001
-        result.update(error_record(exc))
-        return result
-    result["bytes"] = nbytes
-    for impl, fn in cases.items():
+        return result | error_record(exc)
+    result |= {k: case[k] for k in ("bytes", "flops") if k in case}
+    if compiled:
+        torch._dynamo.reset()
+        todo = {"compiled": torch.compile(case["impls"]["eager"])}
+    else:
+        result["shardformer_backend"] = ("cuda" if sf_kernels.available() else "pytorch reference "
+                                         + ("(extension not loaded)" if device == "cuda" else "(CPU)"))
+        todo = {k: v for k, v in case["impls"].items() if k != "liger" or device == "cuda"}
+    for impl, fn in todo.items():
         try:
-            seconds = time_op(fn, device)
-            gbps = nbytes / seconds / 1e9
-            result["impls"][impl] = {"status": "ok", "ms": seconds * 1e3, "gb_per_s": gbps,
-                                     "vs_copy": gbps / copy["gb_per_s"] if copy else None}
+            result["impls"][impl] = time_kernel(fn, case, device, ceilings)
         except Exception as exc:  # noqa: BLE001
             result["impls"][impl] = error_record(exc)
-    if "liger" not in cases:
-        result["impls"]["liger"] = {"status": "skipped", "reason": liger_import_error() or "no such Liger op"}
-    del cases
+    if not compiled and "liger" not in todo:
+        result["impls"]["liger"] = {"status": "skipped", "reason": liger_import_error() or "Liger-Kernel needs CUDA"}
+    del case, todo
     torch._dynamo.reset()
     free_memory(device)
     return result
@@ -675,162 +665,185 @@ def _fmt(value, spec: str) -> str:
 
 
 def print_model_table(variants: dict) -> None:
-    head = (f"{'variant':<17} {'status':<8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU/989':>8} {'MFU/mm':>7} "
-            f"{'peak GiB':>9} {'tok/peer':>9} {'mem/peer':>9} {'breaks':>6} {'loss@1':>8} {'loss@end':>8}")
+    head = (f"{'variant':<17} {'status':<11} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU/989':>7} {'MFU/mm':>6} "
+            f"{'peak GiB':>8} {'tok/peer':>8} {'mem/peer':>8} {'breaks':>6} {'loss@1':>8} {'loss@end':>8}")
     log(head)
     log("-" * len(head))
-    for name, v in variants.items():
+    for name in [n for n in VARIANTS if n in variants]:
+        v = variants[name]
         if v.get("status") != "ok":
-            log(f"{name:<17} {v.get('status', '?'):<8} {v.get('reason') or v.get('error', '')}"[:300])
+            log(f"{name:<17} {v.get('status', '?'):<11} {v.get('reason') or v.get('error', '')}"[:300])
             continue
-        log(f"{name:<17} {'ok':<8} {v['tokens_per_s']:>10.1f} {v['model_tflops']:>8.2f} "
-            f"{_fmt(v.get('mfu_vs_989'), '.3f'):>8} {_fmt(v.get('mfu_vs_measured_matmul'), '.3f'):>7} "
-            f"{_fmt(v.get('peak_mem_gib'), '.2f'):>9} {_fmt(v.get('tokens_vs_best_peer'), '.3f'):>9} "
-            f"{_fmt(v.get('peak_mem_vs_best_peer'), '.3f'):>9} {_fmt(v.get('graph_breaks'), 'd'):>6} "
+        log(f"{name:<17} {'ok':<11} {v['tokens_per_s']:>9.0f} {v['model_tflops']:>8.1f} "
+            f"{_fmt(v.get('mfu_vs_989'), '.3f'):>7} {_fmt(v.get('mfu_vs_measured_matmul'), '.3f'):>6} "
+            f"{_fmt(v.get('peak_mem_gib'), '.2f'):>8} {_fmt(v.get('tokens_vs_best_peer'), '.3f'):>8} "
+            f"{_fmt(v.get('peak_mem_vs_best_peer'), '.3f'):>8} {_fmt(v.get('graph_breaks'), 'd'):>6} "
             f"{v['loss_first']:>8.4f} {v['loss_last']:>8.4f}")
     for name, v in variants.items():
-        if v.get("shardformer_ops_per_step") is not None:
-            log(f"  {name}: shardformer CUDA ops per step {v['shardformer_ops_per_step'] or '{} (none ran)'}; "
+        if "shardformer_ops_per_step" in v:
+            log(f"  {name}: shardformer ops per step {v['shardformer_ops_per_step'] or '{} (none ran)'}; "
                 f"modules {v.get('fused_modules')}")
+        if v.get("recompiled_while_timed"):
+            log(f"  {name}: RECOMPILED during the timed steps (the timing includes compilation)")
         for r in v.get("graph_break_reasons", []):
             log(f"  {name}: graph break x{r['count']}: {r['reason'][:160]}")
 
 
-def print_kernel_table(kernels: dict, copy: dict | None) -> None:
-    if copy:
-        log(f"device copy: {copy['gb_per_s']:.0f} GB/s ({copy['buffer_gib']:.2f} GiB buffer)")
-    for kind, k in kernels.items():
-        shape = "x".join(map(str, k.get("shape", [])))
-        if k.get("status") == "failed":
-            log(f"{kind} [{shape}]: failed: {k['error'][:200]}")
+def print_kernel_table(report: dict) -> None:
+    if report.get("copy", {}).get("gb_per_s"):
+        log(f"device copy: {report['copy']['gb_per_s']:.0f} GB/s ({report['copy']['buffer_gib']:.2f} GiB buffer)")
+    for kind, k in report["kernels"].items():
+        if k.get("status") in ("failed", "skipped"):
+            log(f"{kind}: {k['status']}: {(k.get('error') or k.get('reason', ''))[:200]}")
             continue
-        log(f"{kind} [{shape}] bf16 fwd+bwd, shardformer backend: {k['shardformer_backend']}")
+        shape = "x".join(map(str, k["shape"]))
+        log(f"{kind} [{shape}] {k['dtype']} fwd+bwd (shardformer: {k.get('shardformer_backend')})")
         for impl, r in k["impls"].items():
-            if r.get("status") == "ok":
-                log(f"  {impl:<20} {r['ms']:>9.3f} ms {r['gb_per_s']:>9.1f} GB/s  {_fmt(r['vs_copy'], '.3f')} x copy")
+            if r.get("status") != "ok":
+                log(f"  {impl:<12} {r['status']}: {(r.get('reason') or r.get('error', ''))[:200]}")
             else:
-                log(f"  {impl:<20} {r['status']}: {(r.get('reason') or r.get('error', ''))[:200]}")
+                rate = (f"{r['gb_per_s']:>7.0f} GB/s {_fmt(r['vs_copy'], '.3f'):>6} x copy" if "gb_per_s" in r
+                        else f"{r['tflops']:>7.1f} TFLOP/s {_fmt(r['vs_matmul'], '.3f'):>6} x matmul")
+                mem = f"  +{r['extra_peak_mem_gib']:.2f} GiB peak" if r["extra_peak_mem_gib"] is not None else ""
+                log(f"  {impl:<12} {r['ms']:>8.3f} ms {rate}{mem}")
 
 
 def targets(report: dict) -> dict:
     """Issue 3's acceptance numbers, read off this run (None: not measured in this run)."""
     v = report["variants"]
     sf_ok = [v[n] for n in ("sf_fused", "sf_fused_compile") if v.get(n, {}).get("status") == "ok"]
-    best = max(sf_ok, key=lambda r: r["tokens_per_s"]) if sf_ok else None
+    best = max(sf_ok, key=lambda r: r["tokens_per_s"]) if sf_ok else {}
     liger = v.get("hf_liger", {})
     rms = report["kernels"].get("rmsnorm", {}).get("impls", {}).get("shardformer", {})
     sf_mem = min((r["peak_mem_gib"] for r in sf_ok if r.get("peak_mem_gib")), default=None)
-    out = {
-        "sf_tokens_vs_best_peer (>= 1.15)": best.get("tokens_vs_best_peer") if best else None,
-        "sf_peak_mem_vs_liger (<= 1.0)": (sf_mem / liger["peak_mem_gib"]
-                                          if sf_mem and liger.get("status") == "ok" and liger.get("peak_mem_gib")
-                                          else None),
+    liger_mem = liger.get("peak_mem_gib") if liger.get("status") == "ok" else None
+    return {
+        "sf_tokens_vs_best_peer (>= 1.15)": best.get("tokens_vs_best_peer"),
+        "sf_peak_mem_vs_liger (<= 1.0)": sf_mem / liger_mem if sf_mem and liger_mem else None,
         "sf_rmsnorm_vs_copy (>= 0.85)": rms.get("vs_copy") if rms.get("status") == "ok" else None,
         "sf_compiled_graph_breaks": v.get("sf_fused_compile", {}).get("graph_breaks"),
     }
-    return out
 
 
 # ============================================================================ main
+def plan_stages(args) -> list[tuple[str, str]]:
+    """(kind, name) in run order: HF variants, then shardformer, then the compiled kernel references."""
+    kernels = args.kernel_list if (args.device == "cuda" or args.tiny) else []
+    plan = [("variant", n) for n in ("hf_eager", "hf_liger", "hf_compile", "sf_fused") if n in args.variants]
+    plan += [("kernel", k) for k in kernels]
+    plan += [("variant", "sf_fused_compile")] if "sf_fused_compile" in args.variants else []
+    plan += [("kernel_compiled", k) for k in kernels] if args.device == "cuda" else []
+    return plan
+
+
 def main(argv=None) -> dict:
+    t_start = time.perf_counter()
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if args.device == "cuda":
         torch.cuda.set_device(0)
     env = environment(args)
-    out_path = args.out or default_out_path(env)
+    out_path = args.out or results_path(env)
     config = model_config(args)
     flops = count_flops(config, args.seq)
     report = {
-        "complete": False,
-        "environment": env,
+        "complete": False, "environment": env,
+        "results_file": os.path.relpath(results_path(env), REPO_ROOT) if args.device == "cuda" else None,
         "config": {
             "model": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")}
-            | {"tied_embeddings": not args.untied, "attn_implementation": "sdpa", "init": "random (seed %d)" % args.seed},
-            "batch": args.batch, "seq": args.seq, "tokens_per_step": args.batch * args.seq,
-            "weights": "fp32", "autocast": args.dtype if args.dtype != "fp32" else None,
+            | {"tied_embeddings": not args.untied, "attn_implementation": "sdpa", "init": f"random (seed {args.seed})"},
+            "batch": args.batch, "seq": args.seq, "tokens_per_step": args.batch * args.seq, "weights": "fp32",
+            "autocast": None if args.dtype == "fp32" else args.dtype,
             "optimizer": f"AdamW(lr={args.lr}, fused={args.device == 'cuda'})",
             "warmup_steps": args.warmup, "timed_steps": args.steps, "compile_mode": args.compile_mode or "default",
-            "variants": args.variants, "kernels": args.kernel_list if args.device == "cuda" else [],
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "time_budget_s": args.time_budget, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         },
         "flops": flops,
         "peak_tflops_reference": {"tflops": PEAK_TFLOPS_BF16, "what": "H100/H200 SXM dense bf16"},
-        "stage_seconds": {},
+        "stage_seconds": {}, "variants": {}, "kernels": {},
     }
     log(f"shardformer benchmark: {env['gpu'] or 'CPU'}  torch {env['torch']}  transformers {env['transformers']}  "
-        f"liger {env['liger_kernel'] or 'not installed'}")
+        f"triton {env['triton']}  liger {env['liger_kernel'] or 'not installed'}")
     log(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, inter "
         f"{args.intermediate}, vocab {args.vocab}, {'untied' if args.untied else 'tied'}; N = {flops['params_N']:,}; "
         f"batch {args.batch} x {args.seq}; {flops['flops_per_token'] / 1e9:.3f} GFLOP/token")
     log(f"results -> {out_path}")
 
-    t0 = time.perf_counter()
-    if args.device == "cuda":  # build / load the extension up front, outside every timed region
-        report["shardformer_cuda_extension"] = {"loaded": sf_kernels.available(),
-                                                "load_s": time.perf_counter() - t0}
-        log(f"shardformer CUDA extension loaded: {report['shardformer_cuda_extension']['loaded']} "
-            f"({report['shardformer_cuda_extension']['load_s']:.1f} s)")
-    mm_dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    t0 = time.perf_counter()
+    ceilings: dict = {}
+    stage = "ceilings"
     try:
-        report["matmul"] = measure_matmul(args.device, args.matmul_size, mm_dtype)
-        log(f"measured matmul: {report['matmul']['tflops']:.1f} TFLOP/s ({args.matmul_size}^3 {report['matmul']['dtype']})")
-    except Exception as exc:  # noqa: BLE001
-        report["matmul"] = error_record(exc)
-        log(f"matmul measurement failed: {report['matmul']['error']}")
-    report["stage_seconds"]["matmul"] = time.perf_counter() - t0
-    matmul = report["matmul"] if "tflops" in report["matmul"] else None
-    save(report, out_path)
-
-    gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(args.device)
-    report["variants"] = {}
-    for name in args.variants:
-        log(f"[{name}] ...")
-        result = run_variant(name, args, config, ids, flops)
-        report["variants"][name] = result
-        report["stage_seconds"][name] = result["wall_s"]
-        summary = (f"{result['tokens_per_s']:.1f} tokens/s, peak {_fmt(result.get('peak_mem_gib'), '.2f')} GiB"
-                   if result["status"] == "ok" else result.get("reason") or result.get("error"))
-        log(f"[{name}] {result['status']} in {result['wall_s']:.1f} s: {summary}")
-        add_ratios(report["variants"], matmul)
+        t0 = time.perf_counter()
+        mm_dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        for key, measure in (("matmul", lambda: measure_matmul(args.device, args.matmul_size, mm_dtype)),
+                             ("copy", lambda: measure_copy(args.device, args.copy_gib if not args.tiny else 0.01))):
+            try:
+                report[key] = ceilings[key] = measure()
+            except Exception as exc:  # noqa: BLE001
+                report[key] = error_record(exc)
+            free_memory(args.device)
+        log(f"measured: matmul {_fmt(ceilings.get('matmul', {}).get('tflops'), '.1f')} TFLOP/s "
+            f"({args.matmul_size}^3), device copy {_fmt(ceilings.get('copy', {}).get('gb_per_s'), '.0f')} GB/s")
+        report["stage_seconds"]["ceilings"] = time.perf_counter() - t0
         save(report, out_path)
 
-    report["kernels"] = {}
-    if args.device == "cuda" and args.kernel_list:
-        t0 = time.perf_counter()
-        try:
-            report["copy"] = measure_copy(args.device, args.copy_gib)
-        except Exception as exc:  # noqa: BLE001
-            report["copy"] = error_record(exc)
-        copy = report["copy"] if "gb_per_s" in report["copy"] else None
+        gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+        ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(args.device)
         shapes = TINY_KERNEL_SHAPES if args.tiny else KERNEL_SHAPES
-        for kind in args.kernel_list:
-            log(f"[kernel {kind}] ...")
-            report["kernels"][kind] = run_kernel(kind, shapes[kind], args.device, copy)
+        for kind, name in plan_stages(args):
+            stage = f"{kind} {name}"
+            est = EST_S["compiled" if name in COMPILED else kind]
+            left = None if args.time_budget is None else args.time_budget - (time.perf_counter() - t_start)
+            t0 = time.perf_counter()
+            if left is not None and left < est:
+                result = {"status": "skipped", "reason": f"time budget: {left:.0f} s left, stage needs ~{est} s"}
+            elif kind == "variant":
+                log(f"[{name}] ...")
+                result = run_variant(name, args, config, ids, flops)
+            else:
+                log(f"[{kind} {name}] ...")
+                result = run_kernel(name, shapes[name], args, ceilings, report["kernels"].get(name),
+                                    compiled=kind == "kernel_compiled")
+            report["stage_seconds"][stage] = time.perf_counter() - t0
+            if kind == "variant":
+                report["variants"][name] = result
+                add_ratios(report["variants"], ceilings.get("matmul"))
+                summary = (f"{result['tokens_per_s']:.0f} tokens/s, peak {_fmt(result.get('peak_mem_gib'), '.2f')} GiB"
+                           if result["status"] == "ok" else result.get("reason") or result.get("error"))
+                log(f"[{name}] {result['status']} in {report['stage_seconds'][stage]:.1f} s: {summary}")
+            elif kind == "kernel_compiled" and result.get("status") == "skipped":
+                report["kernels"].setdefault(name, {}).setdefault("impls", {})["compiled"] = result
+            else:
+                report["kernels"][name] = result
             save(report, out_path)
-        report["stage_seconds"]["kernels"] = time.perf_counter() - t0
-    elif args.kernel_list:
-        report["kernels_skipped"] = "kernel micro-benchmarks need CUDA"
-
+        report["complete"] = True
+    except (Interrupted, KeyboardInterrupt) as exc:
+        by = str(exc) or type(exc).__name__
+        report["interrupted"] = {"by": by, "stage": stage, "after_s": time.perf_counter() - t_start}
+        kind, _, name = stage.partition(" ")
+        if kind == "variant":
+            report["variants"][name] = {"status": "interrupted", "reason": f"{by} during this stage"}
+        log(f"interrupted ({by}) during {stage}; writing what was measured")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     report["targets"] = targets(report) if args.device == "cuda" else "evaluated on CUDA runs only"
-    report["complete"] = True
+    report["total_s"] = time.perf_counter() - t_start
     save(report, out_path)
 
     log("")
     print_model_table(report["variants"])
     if report["kernels"]:
         log("")
-        print_kernel_table(report["kernels"], report.get("copy") if "gb_per_s" in report.get("copy", {}) else None)
+        print_kernel_table(report)
     log("")
     if isinstance(report["targets"], dict):
         log("targets (issue 3): " + ", ".join(f"{k} = {_fmt(v, '.3f') if isinstance(v, float) else v}"
                                               for k, v in report["targets"].items()))
-    log(f"wrote {out_path}")
+    commit_as = report["results_file"] if report["results_file"] and out_path != results_path(env) else None
+    log(f"wrote {out_path} ({'complete' if report['complete'] else 'PARTIAL'}, {report['total_s']:.0f} s)"
+        + (f"; commit it as {commit_as}" if commit_as else ""))
     if dist.is_initialized():
         dist.destroy_process_group()
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["complete"] else 2)

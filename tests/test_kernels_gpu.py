@@ -180,14 +180,15 @@ def test_ce_chunk_kernels_with_padding(dtype):
     _check(g_got, g_want, dtype)
 
 
-def test_linear_cross_entropy_peak_memory():
+@pytest.mark.parametrize("chunk", [256, None])  # None: the default chunking (N/4 rows here)
+def test_linear_cross_entropy_peak_memory(chunk):
     """The full [N, V] fp32 logits (N*V*4 bytes) are never allocated."""
     n, h, v = 4096, 256, 32000
     hidden, weight, target = _ce_inputs(n, h, v, torch.bfloat16)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss = ops.linear_cross_entropy(hidden, weight, target, chunk_size=256)
+    loss = ops.linear_cross_entropy(hidden, weight, target, chunk_size=chunk)
     loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base

@@ -37,10 +37,23 @@ from . import cuda
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyFunction", "default_chunk_size"]
 
 
+_CHUNK_ELEMENTS = 1 << 28  # logits elements per chunk at most: 512 MiB in bf16
+
+
 def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk such that one chunk of logits is about the size of ``hidden`` (power of 2)."""
-    rows = math.ceil(n_rows / max(1, math.ceil(vocab / max(1, hidden))))
-    return max(1, min(n_rows, 1 << max(0, math.ceil(math.log2(max(1, rows))))))
+    """Rows per chunk (``vocab``: the full vocabulary, over all ranks).
+
+    Every chunk reads and writes the fp32 ``[V, H]`` weight-gradient accumulator once, so few
+    large chunks cost less than many small ones: up to ``2**28`` logits elements per chunk (a
+    power of two of rows), at least about ``hidden`` elements per row of the chunk's share of the
+    vocabulary; and never more than a quarter of the rows (rounded up), so the full ``[N, V]``
+    logits never exist. E.g. N=16384, H=2048, V=128256: 2048 rows, 8 chunks of 512 MiB (bf16).
+    """
+    n_rows = max(1, n_rows)
+    by_width = math.ceil(n_rows / max(1, math.ceil(vocab / max(1, hidden))))
+    by_width = 1 << max(0, math.ceil(math.log2(max(1, by_width))))
+    by_size = 1 << max(0, (_CHUNK_ELEMENTS // max(1, vocab)).bit_length() - 1)
+    return max(1, min(n_rows, math.ceil(n_rows / 4), max(by_width, by_size)))
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -184,7 +197,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 vocab_start, vocab_valid, compute_dtype, use_ext):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):
-            if use_ext and group is None:
+            if use_ext and group is None and vocab_start == 0:  # the C++ loop has no vocab offset
                 loss, gh, gw = _linear_ce_forward(
                     hidden, weight.to(compute_dtype), target, ignore_index, chunk_size, mean,
                     vocab_valid, need_h, need_w)

@@ -40,13 +40,34 @@ def _build_dir() -> str:
     return path
 
 
+def _link_flags(cuda_home, toolkits=None) -> list[str]:
+    """``-L`` for libcudart when torch's ``CUDA_HOME`` lacks it.
+
+    torch derives ``CUDA_HOME`` from ``which nvcc`` when the variable is unset; where that is a
+    wrapper script (``/usr/local/bin/nvcc``) it becomes ``/usr/local`` and the link fails with
+    "cannot find -lcudart". Then the first toolkit under ``/usr/local/cuda*`` that has it is used.
+    """
+    def has_cudart(lib):
+        return os.path.exists(os.path.join(lib, "libcudart.so"))
+
+    if cuda_home and any(has_cudart(os.path.join(cuda_home, d)) for d in ("lib64", "lib")):
+        return []
+    if toolkits is None:
+        toolkits = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in toolkits:
+        if has_cudart(os.path.join(root, "lib64")):
+            return [f"-L{os.path.join(root, 'lib64')}"]
+    return []
+
+
 def _jit_build():
-    from torch.utils.cpp_extension import load as _load
+    from torch.utils import cpp_extension
 
     if not os.path.exists(os.path.join(CSRC, "bindings.cpp")):
         raise FileNotFoundError(f"CUDA sources not found under {CSRC} (installed without csrc/?)")
-    return _load(name="shardformer_C", sources=SOURCES, extra_cflags=CXX_FLAGS,
-                 extra_cuda_cflags=NVCC_FLAGS, build_directory=_build_dir(), verbose=False)
+    return cpp_extension.load(name="shardformer_C", sources=SOURCES, extra_cflags=CXX_FLAGS,
+                              extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=_link_flags(cpp_extension.CUDA_HOME),
+                              build_directory=_build_dir(), verbose=False)
 
 
 def load():

@@ -154,7 +154,7 @@ _RMS_MAX_H = 16384  # the backward keeps one fp32 row of dw per block in shared 
 
 
 def _rms_cuda_ok(x, weight) -> bool:
-    return (_use_cuda(x, weight) and weight.dim() == 1 and weight.numel() == x.shape[-1]
+    return (_use_cuda(x, weight) and weight.device == x.device and weight.dim() == 1 and weight.numel() == x.shape[-1]
             and 0 < x.shape[-1] <= _RMS_MAX_H)
 
 
@@ -167,7 +167,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rms_norm_residual(x, residual, weight, eps):
     """``s = x + residual``; returns ``(rms_norm(s), s)``; see ``reference.rms_norm_residual``."""
-    if _rms_cuda_ok(x, weight) and residual.dtype == x.dtype and residual.shape == x.shape:
+    if (_rms_cuda_ok(x, weight) and _use_cuda(residual) and residual.device == x.device
+            and residual.dtype == x.dtype and residual.shape == x.shape):
         return _RMSNorm.apply(x, residual, weight, eps)
     return reference.rms_norm_residual(x, residual, weight, eps)
 
