@@ -4,7 +4,8 @@
 //   forward : out1 = x1*c1 - x2*s1           out2 = x2*c2 + x1*s2
 //   backward: dx1  = g1*c1 + g2*s2           dx2  = g2*c2 - g1*s1     (the transposed map)
 // q/k are [B, H, S, D] with any strides except a unit last stride; cos/sin are [B, S, D] (the
-// batch stride may be 0). One thread per (b, h, s, pair); fp32 math, one rounding per output.
+// batch stride may be 0). Grid (S / rows-per-block, H, B), threads (pairs, positions): no integer
+// division per thread, and a warp reads consecutive elements. fp32 math, one rounding per output.
 // Dtypes (input, cos/sin, output): all equal, or (bf16|fp16, fp32, fp32) -- the forward under
 // autocast, where HF's fp32 cos/sin promote the bf16 q/k -- and its backward (fp32, fp32, bf16|fp16).
 #include "common.cuh"
@@ -19,48 +20,48 @@ struct RotaryTensor {
   void* out;
   int64_t sb, sh, ss;  // input strides (elements) of dims b, h, s
   int64_t ob, oh, os;  // output strides
-  int heads;
 };
 
 template <typename TI, typename TC, typename TO>
 __global__ void rotary_kernel(RotaryTensor t, const TC* __restrict__ cos, const TC* __restrict__ sin, int64_t cb,
-                              int64_t cs, int64_t sb_, int64_t ss_, int S, int half, int64_t total, bool backward) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= total) return;
-  const int i = static_cast<int>(idx % half);
-  int64_t rest = idx / half;
-  const int s = static_cast<int>(rest % S);
-  rest /= S;
-  const int h = static_cast<int>(rest % t.heads);
-  const int64_t b = rest / t.heads;
+                              int64_t cs, int64_t sb_, int64_t ss_, int S, int half, bool backward) {
+  const int s = blockIdx.x * blockDim.y + threadIdx.y;
+  if (s >= S) return;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
   const TI* x = static_cast<const TI*>(t.in) + b * t.sb + h * t.sh + s * t.ss;
   TO* o = static_cast<TO*>(t.out) + b * t.ob + h * t.oh + s * t.os;
   const TC* c = cos + b * cb + s * cs;
   const TC* sn = sin + b * sb_ + s * ss_;
-  const float x1 = to_f(x[i]), x2 = to_f(x[i + half]);
-  const float c1 = to_f(c[i]), c2 = to_f(c[i + half]);
-  const float s1 = to_f(sn[i]), s2 = to_f(sn[i + half]);
-  if (!backward) {
-    o[i] = from_f<TO>(x1 * c1 - x2 * s1);
-    o[i + half] = from_f<TO>(x2 * c2 + x1 * s2);
-  } else {
-    o[i] = from_f<TO>(x1 * c1 + x2 * s2);
-    o[i + half] = from_f<TO>(x2 * c2 - x1 * s1);
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float x1 = to_f(x[i]), x2 = to_f(x[i + half]);
+    const float c1 = to_f(c[i]), c2 = to_f(c[i + half]);
+    const float s1 = to_f(sn[i]), s2 = to_f(sn[i + half]);
+    if (!backward) {
+      o[i] = from_f<TO>(x1 * c1 - x2 * s1);
+      o[i + half] = from_f<TO>(x2 * c2 + x1 * s2);
+    } else {
+      o[i] = from_f<TO>(x1 * c1 + x2 * s2);
+      o[i + half] = from_f<TO>(x2 * c2 - x1 * s1);
+    }
   }
 }
 
+constexpr int64_t kMaxGridYZ = 65535;  // gridDim.y / gridDim.z limit: heads and batch
+
 template <typename TI, typename TC, typename TO>
 void launch_one(const at::Tensor& x, at::Tensor& out, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
-  const int64_t B = x.size(0), S = x.size(2), D = x.size(3);
-  const int64_t total = B * x.size(1) * S * (D / 2);
-  if (total == 0) return;
+  const int64_t B = x.size(0), Hn = x.size(1), S = x.size(2), half = x.size(3) / 2;
+  if (B * Hn * S * half == 0) return;
+  TORCH_CHECK(B <= kMaxGridYZ && Hn <= kMaxGridYZ && S <= INT_MAX, "rotary: batch and heads must be at most 65535");
   RotaryTensor t{x.data_ptr<TI>(), out.data_ptr<TO>(), x.stride(0), x.stride(1), x.stride(2),
-                 out.stride(0), out.stride(1), out.stride(2), static_cast<int>(x.size(1))};
-  const int threads = 256;
-  const int64_t blocks = (total + threads - 1) / threads;
-  rotary_kernel<TI, TC, TO><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                 out.stride(0), out.stride(1), out.stride(2)};
+  int tx = 32;  // threads over the pairs: half rounded up to a warp multiple, at most 256
+  while (tx < half && tx < 256) tx *= 2;
+  const int ty = 256 / tx;  // sequence positions per block
+  const dim3 block(tx, ty), grid(static_cast<unsigned>((S + ty - 1) / ty), static_cast<unsigned>(Hn), static_cast<unsigned>(B));
+  rotary_kernel<TI, TC, TO><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
       t, cos.data_ptr<TC>(), sin.data_ptr<TC>(), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-      static_cast<int>(S), static_cast<int>(D / 2), total, backward);
+      static_cast<int>(S), static_cast<int>(half), backward);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -541,3 +541,16 @@ def test_wrappers_linear_ce_vocab_offset_without_group_via_fake_ext(fake_cuda):
     want = cross_entropy.linear_cross_entropy(hidden, weight, target, chunk_size=4, vocab_start=6, vocab_size=12)
     _close(got, want)
     _close(torch.autograd.grad(got, [hidden, weight]), torch.autograd.grad(want, [hidden, weight]))
+
+
+def test_wrappers_rotary_grid_limit_falls_back_via_fake_ext(fake_cuda, monkeypatch):
+    """The kernel's grid has one y per head and one z per batch row (at most 65535 each): larger
+    inputs take the PyTorch path, with the same result."""
+    calls = []
+    monkeypatch.setattr(_FakeExt, "rotary", staticmethod(lambda *a: calls.append(1)))
+    q, k = torch.randn(65536, 1, 1, 2), torch.randn(65536, 1, 1, 2)
+    cos, sin = torch.randn(1, 1, 2), torch.randn(1, 1, 2)
+    _close(ops.apply_rotary(q, k, cos, sin), ml.apply_rotary_pos_emb(q, k, cos, sin))
+    q = torch.randn(1, 65536, 1, 2)
+    _close(ops.apply_rotary(q, k[:1], cos, sin), ml.apply_rotary_pos_emb(q, k[:1], cos, sin))
+    assert calls == []

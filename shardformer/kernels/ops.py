@@ -173,6 +173,9 @@ def rms_norm_residual(x, residual, weight, eps):
     return reference.rms_norm_residual(x, residual, weight, eps)
 
 
+_ROTARY_MAX_GRID_YZ = 65535  # the kernel's grid has one y per head and one z per batch row
+
+
 def _rotary_dtypes_ok(q, k, cos, sin) -> bool:
     """The kernel's dtype combinations: all equal, or low-precision q/k with fp32 cos/sin."""
     return (q.dtype == k.dtype and cos.dtype == sin.dtype
@@ -194,7 +197,8 @@ def apply_rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
         return qo.transpose(1, 2), ko.transpose(1, 2)
     b, s = max(q.shape[0], cos.shape[0]), q.shape[2]
     if (q.shape[0] != k.shape[0] or q.shape[0] != b or q.shape[2] != k.shape[2] or cos.shape[1] != s
-            or cos.shape[0] not in (1, b)):  # q broadcast against a larger cos batch: reference
+            or cos.shape[0] not in (1, b)  # q broadcast against a larger cos batch: reference
+            or max(b, q.shape[1], k.shape[1]) > _ROTARY_MAX_GRID_YZ):
         return reference.apply_rotary(q, k, cos, sin, unsqueeze_dim)
     cos, sin = cos.expand(b, s, -1), sin.expand(b, s, -1)
     if cos.stride(-1) != 1 or sin.stride(-1) != 1:
