@@ -497,8 +497,21 @@ def test_linear_ce_vocab_parallel_compile_fullgraph_via_fake_ext(pools, vocab_tr
     assert counts[0] == counts[1] > 0
 
 
-def test_wrappers_compile_fullgraph_via_fake_ext(fake_cuda):
-    """The custom ops' fake kernels let torch.compile trace rms_norm/swiglu/rotary in one graph."""
+@pytest.mark.parametrize("policy", ["custom", "inductor"])
+def test_wrappers_compile_fullgraph_via_fake_ext(fake_cuda, monkeypatch, policy):
+    """The custom ops' fake kernels let torch.compile trace rms_norm/swiglu/rotary in one graph
+    ("custom"); by default ("inductor") the graph holds their reference formulas instead, for
+    Inductor to fuse. Same values and gradients either way."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    monkeypatch.setattr(ops, "COMPILED_KERNELS", policy)
+    seen = set()
+
+    def backend(gm, example_inputs):
+        for mod in gm.modules():  # autograd.Functions are traced into submodules
+            seen.update(str(n.target) for n in mod.graph.nodes if "shardformer" in str(n.target))
+        return aot_eager(gm, example_inputs)
+
     torch.manual_seed(10)
     x = torch.randn(3, 5, 16, requires_grad=True)
     w = torch.randn(16, requires_grad=True)
@@ -511,10 +524,12 @@ def test_wrappers_compile_fullgraph_via_fake_ext(fake_cuda):
         return qo.sum() + 2 * ko.sum()
 
     torch._dynamo.reset()
-    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w)
+    got = torch.compile(f, fullgraph=True, backend=backend)(x, w)
     want = f(x, w)
     _close(got, want)
     _close(torch.autograd.grad(got, [x, w]), torch.autograd.grad(want, [x, w]))
+    custom = {f"shardformer.{op}.default" for op in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "rotary")}
+    assert seen == (custom if policy == "custom" else set()), seen
 
 
 def test_jit_link_flags_find_cudart(tmp_path):

@@ -267,7 +267,9 @@ def test_tiny_llama_fused_under_bf16_autocast(monkeypatch):
         _check(p.grad, q.grad, torch.bfloat16)
 
 
-def test_fused_ops_compile_without_graph_breaks():
+@pytest.mark.parametrize("policy", ["custom", "inductor"])  # custom ops in the graph, or Inductor's kernels
+def test_fused_ops_compile_without_graph_breaks(policy, monkeypatch):
+    monkeypatch.setattr(ops, "COMPILED_KERNELS", policy)
     assert cuda.available()  # load outside of tracing
     torch.manual_seed(6)
     x = torch.randn(4, 9, 64, device=DEV, requires_grad=True)
@@ -281,6 +283,7 @@ def test_fused_ops_compile_without_graph_breaks():
         qo, ko = ops.apply_rotary(q, q[:, :1] * 3, cos, sin)  # distinct q, k (as in attention)
         return z.sum() + qo.sum() + ko.sum()
 
+    torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     got, want = compiled(x, w, q), f(x, w, q)
     _check(got, want, torch.float32)

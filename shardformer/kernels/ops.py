@@ -3,11 +3,13 @@ the PyTorch reference (identical semantics; see ``reference.py``).
 
 The CUDA entry points are registered as ``torch.library`` custom ops (``shardformer::*``) with
 fake implementations, and the autograd Functions around them only call those ops, so
-``torch.compile`` traces through them without graph breaks.
+``torch.compile`` traces through them without graph breaks. Inside a compiled graph the
+element-wise ops trace their reference formulas by default (see ``COMPILED_KERNELS``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -18,6 +20,21 @@ from .cross_entropy import linear_cross_entropy as _linear_cross_entropy
 __all__ = ["rms_norm", "rms_norm_residual", "apply_rotary", "swiglu", "linear_cross_entropy"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+# Under torch.compile the element-wise kernels (RMSNorm, SwiGLU, rotary) would be opaque custom ops
+# that Inductor cannot fuse with their neighbours: the residual add before a norm, the bf16 cast after
+# it under autocast, the transposes and dtype promotions around rotary. By default ("inductor") a
+# compiled graph traces their reference formulas instead, which Inductor fuses into its own kernels;
+# eager execution runs the CUDA kernels. The chunked linear + cross-entropy changes the algorithm (no
+# full logits) and is a custom op in both. SHARDFORMER_COMPILED_KERNELS=custom keeps the custom ops
+# inside compiled graphs too.
+COMPILED_KERNELS = os.environ.get("SHARDFORMER_COMPILED_KERNELS", "inductor")
+if COMPILED_KERNELS not in ("inductor", "custom"):
+    raise ValueError(f"SHARDFORMER_COMPILED_KERNELS={COMPILED_KERNELS!r}: expected 'inductor' or 'custom'")
+
+
+def _leave_to_inductor() -> bool:
+    return COMPILED_KERNELS == "inductor" and torch.compiler.is_compiling()
 
 
 def _use_cuda(*tensors) -> bool:
@@ -154,7 +171,7 @@ _RMS_MAX_H = 16384  # the backward keeps one fp32 row of dw per block in shared 
 
 
 def _rms_cuda_ok(x, weight) -> bool:
-    return (_use_cuda(x, weight) and weight.device == x.device and weight.dim() == 1 and weight.numel() == x.shape[-1]
+    return (not _leave_to_inductor() and _use_cuda(x, weight) and weight.device == x.device and weight.dim() == 1 and weight.numel() == x.shape[-1]
             and 0 < x.shape[-1] <= _RMS_MAX_H)
 
 
@@ -187,7 +204,7 @@ def apply_rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
 
     Output dtype as HF's: ``promote(q, cos)`` (under autocast, bf16 q/k and fp32 cos/sin give fp32).
     """
-    ok = (_use_cuda(q, k, cos, sin) and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3
+    ok = (not _leave_to_inductor() and _use_cuda(q, k, cos, sin) and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3
           and unsqueeze_dim in (1, 2) and q.shape[-1] % 2 == 0 and _rotary_dtypes_ok(q, k, cos, sin)
           and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1] and not (cos.requires_grad or sin.requires_grad))
     if not ok:
@@ -212,7 +229,7 @@ def apply_rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``."""
-    if _use_cuda(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape:
+    if not _leave_to_inductor() and _use_cuda(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape:
         return _SwiGLU.apply(gate, up)
     return reference.swiglu(gate, up)
 
