@@ -3,24 +3,28 @@
 #     bash benchmarks/gpu_session.sh
 # With the device tool, after `bash benchmarks/fetch_wheels.sh` here (Liger-Kernel's wheel into .whl/;
 # without it the HF + Liger column is skipped, with the reason):
-#     run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=540)
+#     run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 #
-# It keeps to SESSION_BUDGET_S (default 450 s) and writes five files under $OUT:
+# It keeps to SESSION_BUDGET_S (default 570 s) and writes five files under $OUT:
 #   setup.log       wheels from .whl/ into /tmp/site (on PYTHONPATH), pip install -e ., versions, nvidia-smi
 #   build.log       the CUDA extension's JIT build, before anything is timed (a build beside the timed HF
 #                   steps would slow the peers' host side and flatter shardformer), into SHARDFORMER_EXT_DIR.
+#                   If the extension does not load, the script stops there (exit 3), before spending the
+#                   lease on a benchmark of the fallbacks, so a fixed rerun still fits.
+#   smoke.log       the GPU tests that exercise every kernel once (fast); exit 4 if they fail.
 #   benchmark.json  examples/benchmark.py under --time-budget (stages that no longer fit are skipped and
 #                   say so); rewritten after every stage, and on SIGTERM it records the interrupted stage.
 #   benchmark.log   its output, the tables last.
 #   gpu_tests.log   pytest -m gpu tests/test_kernels_gpu.py in the TESTS_S seconds (default 100) kept for it.
 # BENCH_ARGS adds arguments to the benchmark (e.g. "--only hf_eager,sf_fused"; "--tiny --device cpu" tries this script on CPU).
-# Rough times: setup 20-30 s; benchmark = budget - setup - TESTS_S (imports 15, ceilings 3, hf_eager 10,
-# hf_liger 25, hf_compile 60-90, sf_fused 20, kernels 20, sf_fused_compile 60-90, compiled kernel
-# references 60); GPU tests 60-100.
+# Rough times: setup 20-30 s; build 40-60 s (16 cores); smoke 15-30 s; benchmark = what is left minus
+# TESTS_S (imports 15, ceilings 3, hf_eager 10, hf_liger 25, hf_compile 60-90, sf_fused 20, rmsnorm 10,
+# sf_fused_compile 60-90, other kernels 30, compiled kernel references 60, sf_fused_compile_custom 90;
+# the benchmark's --time-budget drops the last ones first); GPU tests 60-120.
 set -uo pipefail
 T0=$SECONDS
-BUDGET=${SESSION_BUDGET_S:-450}
-TESTS_S=${TESTS_S:-100}
+BUDGET=${SESSION_BUDGET_S:-570}
+TESTS_S=${TESTS_S:-110}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SHARDFORMER_EXT_DIR=/tmp/sf-ext
@@ -62,6 +66,19 @@ from shardformer.kernels import cuda
 print('extension loaded:', cuda.available(), f'in {time.time() - t:.0f} s')
 " >> "$OUT/build.log" 2>&1 || echo "build exited with $?" >> "$OUT/build.log"
 tail -3 "$OUT/build.log"
+HAS_CUDA=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+if [ "$HAS_CUDA" = 1 ] && ! grep -q "extension loaded: True" "$OUT/build.log"; then
+  echo "the CUDA extension did not load: stopping here (see build.log)"; tail -40 "$OUT/build.log"; exit 3
+fi
+
+say "smoke: every kernel once"
+if [ "$HAS_CUDA" = 1 ]; then
+  timeout 90 python3 -m pytest -q -x -m gpu tests/test_kernels_gpu.py -p no:cacheprovider \
+    -k "extension_loads or tiny_llama or linear_cross_entropy_peak" > "$OUT/smoke.log" 2>&1
+  rc=$?
+  tail -3 "$OUT/smoke.log"
+  [ $rc -eq 0 ] || { echo "smoke tests failed (exit $rc): stopping here"; tail -60 "$OUT/smoke.log"; exit 4; }
+fi
 
 BENCH_S=$(atleast $(($(left) - TESTS_S)) 60)
 say "benchmark (${BENCH_S} s)"

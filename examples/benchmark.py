@@ -57,10 +57,12 @@ reports TFLOP/s (6 x tokens x hidden x vocab) against the measured matmul rate, 
 implementation's extra peak memory (the eager one materialises bf16 and fp32 logits).
 
 Run order: every HF variant before any shardformer kernel touches the GPU (a faulting kernel poisons
-the CUDA context for the rest of the process), cheap stages before expensive ones, the compiled kernel
-references last. Every stage runs inside try/except (OOM, compile error, missing package: recorded,
-the run goes on); the JSON is rewritten after every stage, and SIGTERM (``timeout``) or Ctrl-C records
-the interrupted stage, writes the JSON and prints the table before exiting.
+the CUDA context for the rest of the process), then what the issue's targets need (sf_fused, the
+RMSNorm kernel, sf_fused_compile), then the other kernels, the compiled kernel references and
+sf_fused_compile_custom, which a short --time-budget drops first. Every stage runs inside try/except
+(OOM, compile error, missing package: recorded, the run goes on); the JSON is rewritten after every
+stage, and SIGTERM (``timeout``) or Ctrl-C records the interrupted stage, writes the JSON and prints
+the table before exiting.
 """
 from __future__ import annotations
 
@@ -737,11 +739,14 @@ def targets(report: dict) -> dict:
 
 # ============================================================================ main
 def plan_stages(args) -> list[tuple[str, str]]:
-    """(kind, name) in run order: HF variants, then shardformer, then the compiled kernel references."""
+    """(kind, name) in run order: HF variants before any shardformer kernel; then what the issue's
+    targets need (sf_fused, the RMSNorm kernel, sf_fused_compile), so a short budget drops the rest:
+    the other kernels, the compiled kernel references, sf_fused_compile_custom."""
     kernels = args.kernel_list if (args.device == "cuda" or args.tiny) else []
     plan = [("variant", n) for n in ("hf_eager", "hf_liger", "hf_compile", "sf_fused") if n in args.variants]
-    plan += [("kernel", k) for k in kernels]
+    plan += [("kernel", k) for k in kernels if k == "rmsnorm"]
     plan += [("variant", "sf_fused_compile")] if "sf_fused_compile" in args.variants else []
+    plan += [("kernel", k) for k in kernels if k != "rmsnorm"]
     plan += [("kernel_compiled", k) for k in kernels] if args.device == "cuda" else []
     plan += [("variant", "sf_fused_compile_custom")] if "sf_fused_compile_custom" in args.variants else []
     return plan
