@@ -9,6 +9,7 @@
 // so the vocab-parallel loop in Python can all-reduce the stats between them.
 #include "common.cuh"
 
+#include <atomic>
 #include <vector>
 
 namespace sf {
@@ -105,17 +106,19 @@ at::Tensor ce_chunk_grad_(at::Tensor logits, const at::Tensor& lse, const at::Te
 // GEMM's epilogue (one fp32 read and write of acc); where this build or device refuses it, the product is
 // formed in the matmul dtype and added (an extra [V, H] temporary and pass).
 static void accumulate_fp32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
-  static bool fused_ok = true;
+  static std::atomic<bool> fused_ok{true};
   if (a.scalar_type() == at::kFloat) {
     acc.addmm_(a, b);
     return;
   }
-  if (fused_ok) {
+  if (fused_ok.load()) {
     try {
       at::addmm_out(acc, acc, a, b, at::kFloat);
       return;
-    } catch (const std::exception&) {
-      fused_ok = false;
+    } catch (const std::exception& e) {
+      fused_ok.store(false);
+      TORCH_WARN_ONCE("shardformer linear_ce: addmm with out_dtype=float32 refused (", e.what(),
+                      "); accumulating the weight gradient through a temporary instead");
     }
   }
   acc.add_(at::mm(a, b));

@@ -67,6 +67,7 @@ void launch_one(const at::Tensor& x, at::Tensor& out, const at::Tensor& cos, con
 
 void check_qk(const at::Tensor& x, const at::Tensor& cos, const char* name) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.stride(3) == 1, "rotary: ", name, " must be a CUDA [B, H, S, D] tensor with unit last stride");
+  TORCH_CHECK(x.device() == cos.device(), "rotary: ", name, " and cos/sin must be on one device");
   TORCH_CHECK(x.size(0) == cos.size(0) && x.size(2) == cos.size(1) && x.size(3) == cos.size(2), "rotary: ", name,
               " shape ", x.sizes(), " does not match cos/sin ", cos.sizes());
 }
@@ -82,6 +83,7 @@ void launch_both(const at::Tensor& q, const at::Tensor& k, at::Tensor& qo, at::T
 
 std::vector<at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                const at::Tensor& sin, bool backward, at::ScalarType out_dtype) {
+  TORCH_CHECK(sin.device() == cos.device(), "rotary: cos and sin must be on one device");
   TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.stride(2) == 1 && sin.stride(2) == 1,
               "rotary: cos/sin must be [B, S, D] with unit last stride");
   TORCH_CHECK(cos.size(2) % 2 == 0, "rotary: head_dim must be even");
