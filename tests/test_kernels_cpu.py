@@ -569,3 +569,34 @@ def test_wrappers_rotary_grid_limit_falls_back_via_fake_ext(fake_cuda, monkeypat
     q = torch.randn(1, 65536, 1, 2)
     _close(ops.apply_rotary(q, k[:1], cos, sin), ml.apply_rotary_pos_emb(q, k[:1], cos, sin))
     assert calls == []
+
+
+def test_attention_backend_selection(monkeypatch):
+    """SDPA stays unless flash-attn is installed and the weights are half precision on CUDA; an
+    explicit "eager" is kept; a refusal by transformers warns and keeps SDPA."""
+    from shardformer.kernels import attention
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(cfg)
+    assert model.config._attn_implementation == "sdpa"
+    asked = []
+    monkeypatch.setattr(model, "set_attn_implementation", lambda impl: asked.append(impl))
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
+    assert attention.select_attention(model) == "sdpa" and asked == []
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
+    assert attention.select_attention(model) == "sdpa" and asked == []  # fp32 weights on CPU
+    monkeypatch.setattr(attention, "_half_on_cuda", lambda m: True)
+    attention.select_attention(model)
+    assert asked == ["flash_attention_2"]
+
+    def refuse(impl):
+        raise ImportError("flash_attn is not usable here")
+
+    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    with pytest.warns(UserWarning, match="keeping SDPA"):
+        assert attention.select_attention(model) == "sdpa"
+    eager = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "_attn_implementation": "eager"}))
+    monkeypatch.setattr(eager, "set_attn_implementation", lambda impl: asked.append(impl))
+    assert attention.select_attention(eager) == "eager" and asked == ["flash_attention_2"]

@@ -6,7 +6,8 @@ replaces by parallel linears as usual). A module the kernel cannot reproduce (sa
 activation is not SiLU) is left as HF wrote it, with a warning: the model stays the same model.
 Without CUDA the modules run the PyTorch reference, which computes the HF formula exactly.
 The rotary kernel has no module seam (see `rotary.py`): it is switched on only when the CUDA
-extension is loaded, since elsewhere it would run the same formula as HF's function.
+extension is loaded, since elsewhere it would run the same formula as HF's function. Attention
+stays transformers' own, on the fastest backend installed (see `attention.py`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import warnings
 from torch import nn
 
 from . import cuda
+from .attention import select_attention
 from .modules import FusedRMSNorm, FusedSwiGLUMLP
 from .rotary import enable_fused_rotary
 
@@ -49,4 +51,5 @@ def apply_fused_kernels(model: nn.Module, policy, layers_path: str, base_path: s
     done = [path for path, build, entry, rel in todo if _swap(model, path, build, policy, entry, rel)]
     if policy.fused_rotary and cuda.available():
         enable_fused_rotary(model)
+    select_attention(model)
     return done
