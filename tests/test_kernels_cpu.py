@@ -316,8 +316,10 @@ class _FakeExt:
             c, s = cos[:, None].float(), sin[:, None].float()
             c1, c2, s1, s2 = c[..., :h], c[..., h:], s[..., :h], s[..., h:]
             if backward:
-                return torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), -1).to(out_dtype)
-            return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), -1).to(out_dtype)
+                val = torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), -1)
+            else:
+                val = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), -1)
+            return torch.empty_like(x, dtype=out_dtype).copy_(val)  # x's strides, as at::empty_like
         return one(q), one(k)
 
     @staticmethod
@@ -600,3 +602,25 @@ def test_attention_backend_selection(monkeypatch):
     eager = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "_attn_implementation": "eager"}))
     monkeypatch.setattr(eager, "set_attn_implementation", lambda impl: asked.append(impl))
     assert attention.select_attention(eager) == "eager" and asked == ["flash_attention_2"]
+
+
+def test_wrappers_inductor_custom_ops_via_fake_ext(fake_cuda, monkeypatch):
+    """Inductor (not only aot_eager) with every custom op in the graph: it checks each op's real
+    output strides against its fake kernel (e.g. rotary's output keeps q's transposed layout)."""
+    monkeypatch.setattr(ops, "COMPILED_KERNELS", "custom")
+    torch.manual_seed(13)
+    x, w = torch.randn(3, 5, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    cos, sin = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    head, target = torch.randn(50, 16, requires_grad=True), torch.randint(0, 50, (15,))
+
+    def f(x, w, head):
+        y = ops.swiglu(ops.rms_norm(x, w, 1e-6), x)
+        q = y.view(3, 5, 2, 8).transpose(1, 2)
+        qo, ko = ops.apply_rotary(q, q[:, :1] * 3, cos, sin)
+        return qo.sum() + 2 * ko.sum() + ops.linear_cross_entropy(y.reshape(15, 16), head, target, chunk_size=4)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="inductor")(x, w, head)
+    want = f(x, w, head)
+    _close(got, want)
+    _close(torch.autograd.grad(got, [x, w, head]), torch.autograd.grad(want, [x, w, head]))
