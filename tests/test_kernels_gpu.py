@@ -307,3 +307,40 @@ def test_linear_cross_entropy_compiles_fullgraph():
     _check(got, want, torch.float32)
     for a, b in zip(torch.autograd.grad(got, [h, w]), torch.autograd.grad(want, [h, w])):
         _check(a, b, torch.float32)
+
+
+def test_custom_ops_opcheck():
+    """torch.library.opcheck on every custom op with the real extension: schema (mutation and
+    aliasing as declared), fake kernels against the real outputs (shapes, dtypes, strides), and
+    AOT dispatch. Inputs take no gradient: autograd is the wrappers' job, not the ops'."""
+    from torch.library import opcheck
+
+    from shardformer.kernels import cross_entropy as ce
+
+    torch.manual_seed(8)
+    bf, f32 = torch.bfloat16, torch.float32
+    x = torch.randn(6, 40, device=DEV, dtype=bf)
+    w = torch.randn(40, device=DEV, dtype=f32)
+    q = torch.randn(2, 5, 3, 8, device=DEV, dtype=bf).transpose(1, 2)  # HF's transposed view
+    k = torch.randn(2, 1, 5, 8, device=DEV, dtype=bf)
+    cos, sin = torch.randn(2, 5, 8, device=DEV), torch.randn(2, 5, 8, device=DEV)
+    logits = torch.randn(4, 30, device=DEV, dtype=bf)
+    tl = torch.tensor([3, -1, 27, 0], device=DEV)  # local targets: -1 or < vocab_valid (28)
+    lse, scale = torch.logsumexp(logits.float(), 1), torch.full((4,), 0.25, device=DEV)
+    hidden, head = torch.randn(9, 40, device=DEV, dtype=bf), torch.randn(30, 40, device=DEV, dtype=bf)
+    target = torch.randint(0, 30, (9,), device=DEV)
+    cases = [
+        (ops._rmsnorm_fwd, (x, None, w, 1e-6)),
+        (ops._rmsnorm_fwd, (x, torch.randn_like(x), w, 1e-6)),
+        (ops._rmsnorm_bwd, (torch.randn(6, 40, device=DEV), x, w, torch.rand(6, device=DEV), None, True)),
+        (ops._rotary, (q, k, cos, sin, False, f32)),
+        (ops._rotary, (q.float(), k.float(), cos, sin, True, bf)),
+        (ops._swiglu_fwd, (x, torch.randn_like(x))),
+        (ops._swiglu_bwd, (torch.randn_like(x), x, torch.randn_like(x))),
+        (ce._ce_chunk_stats, (logits, tl, 28)),
+        (ce._ce_chunk_grad_, (logits.clone(), lse, tl, 28, scale)),
+        (ce._linear_ce_forward, (hidden, head, target, -100, 4, True, 30, True, True)),
+        (ce._linear_ce_forward, (hidden, head, target, -100, 4, False, 30, False, True)),
+    ]
+    for op, args in cases:
+        opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
