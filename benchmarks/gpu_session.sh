@@ -11,7 +11,8 @@
 #                   steps would slow the peers' host side and flatter shardformer), into SHARDFORMER_EXT_DIR.
 #                   If the extension does not load, the script stops there (exit 3), before spending the
 #                   lease on a benchmark of the fallbacks, so a fixed rerun still fits.
-#   smoke.log       the GPU tests that exercise every kernel once (fast); exit 4 if they fail.
+#   smoke.log       the GPU tests that exercise every kernel once (fast); exit 4 if a kernel faults (a
+#                   failed comparison is reported and the run goes on).
 #   benchmark.json  examples/benchmark.py under --time-budget (stages that no longer fit are skipped and
 #                   say so); rewritten after every stage, and on SIGTERM it records the interrupted stage.
 #   benchmark.log   its output, the tables last.
@@ -77,7 +78,15 @@ if [ "$HAS_CUDA" = 1 ]; then
     -k "extension_loads or tiny_llama or linear_cross_entropy_peak" > "$OUT/smoke.log" 2>&1
   rc=$?
   tail -3 "$OUT/smoke.log"
-  [ $rc -eq 0 ] || { echo "smoke tests failed (exit $rc): stopping here"; tail -60 "$OUT/smoke.log"; exit 4; }
+  if [ $rc -ne 0 ]; then
+    tail -60 "$OUT/smoke.log"
+    # a kernel that faults makes the benchmark's shardformer stages worthless: stop while a fixed rerun
+    # still fits; a tolerance miss is reported and the run goes on (the benchmark's losses show it too)
+    if grep -qiE "CUDA error|illegal (memory|address|instruction)|device-side assert|misaligned|segmentation|core dumped|Timeout" "$OUT/smoke.log" || [ $rc -ge 124 ]; then
+      echo "smoke tests crashed (exit $rc): stopping here"; exit 4
+    fi
+    echo "smoke tests failed (exit $rc) without a crash: going on"
+  fi
 fi
 
 BENCH_S=$(atleast $(($(left) - TESTS_S)) 60)
