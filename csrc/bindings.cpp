@@ -16,6 +16,7 @@ std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
 std::vector<at::Tensor> ce_chunk_stats(const at::Tensor& logits, const at::Tensor& target_local, int64_t vocab_valid);
 at::Tensor ce_chunk_grad_(at::Tensor logits, const at::Tensor& lse, const at::Tensor& target_local,
                           int64_t vocab_valid, const at::Tensor& row_scale);
+void addmm_fp32_(at::Tensor acc, const at::Tensor& a, const at::Tensor& b);
 std::vector<at::Tensor> linear_ce_forward(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
                                           int64_t ignore_index, int64_t chunk_size, bool mean, int64_t vocab_valid,
                                           bool need_h, bool need_w);
@@ -33,5 +34,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_bwd", &sf::swiglu_bwd, "SwiGLU backward -> (dgate, dup)");
   m.def("ce_chunk_stats", &sf::ce_chunk_stats, "per-row (max, sumexp, target logit) of a logits chunk");
   m.def("ce_chunk_grad_", &sf::ce_chunk_grad_, "overwrite a logits chunk with its scaled CE gradient");
+  m.def("addmm_fp32_", &sf::addmm_fp32_, "acc += a @ b with fp32 accumulation (acc fp32)");
   m.def("linear_ce_forward", &sf::linear_ce_forward, "chunked linear+CE -> (loss, grad_hidden, grad_weight)");
 }

@@ -124,6 +124,18 @@ static void accumulate_fp32(at::Tensor& acc, const at::Tensor& a, const at::Tens
   acc.add_(at::mm(a, b));
 }
 
+// acc += a @ b for the Python (vocab-parallel) chunk loop; acc fp32 [M, N], a [M, K], b [K, N] in one dtype.
+void addmm_fp32_(at::Tensor acc, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(acc.is_cuda() && a.is_cuda() && b.is_cuda() && acc.device() == a.device() && a.device() == b.device(),
+              "addmm_fp32_: CUDA tensors on one device expected");
+  TORCH_CHECK(acc.scalar_type() == at::kFloat && a.scalar_type() == b.scalar_type(),
+              "addmm_fp32_: acc must be fp32 and a, b share a dtype");
+  TORCH_CHECK(acc.dim() == 2 && a.dim() == 2 && b.dim() == 2 && a.size(0) == acc.size(0) && b.size(1) == acc.size(1) &&
+              a.size(1) == b.size(0), "addmm_fp32_: shapes acc [M, N], a [M, K], b [K, N]");
+  const c10::cuda::OptionalCUDAGuard guard(acc.device());
+  accumulate_fp32(acc, a, b);
+}
+
 // Returns {loss (fp32 scalar), grad_hidden (fp32 [N, H] or empty), grad_weight (fp32 [V, H] or empty)}.
 // `weight` is already in the matmul dtype; `hidden` is cast to it chunk by chunk.
 std::vector<at::Tensor> linear_ce_forward(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,

@@ -341,6 +341,10 @@ class _FakeExt:
         return logits
 
     @staticmethod
+    def addmm_fp32_(acc, a, b):
+        acc += (a.float() @ b.float())
+
+    @staticmethod
     def linear_ce_forward(hidden, weight, target, ignore_index, chunk, mean, vocab_valid, need_h, need_w):
         loss, gh, gw = cross_entropy._loop(hidden, weight, target, ignore_index, chunk, mean, need_h, need_w,
                                            None, 0, vocab_valid, weight.dtype, _FakeExt.ce_chunk_stats,
@@ -481,11 +485,11 @@ def _vocab_parallel_compile_check(reduction, vocab_true):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cuda, "load", lambda: _FakeExt)
         mp.setattr(ops, "_use_cuda", lambda *t: True)
-        calls = _count_calls(mp, ["ce_chunk_stats", "ce_chunk_grad_", "linear_ce_forward"])
+        calls = _count_calls(mp, ["ce_chunk_stats", "ce_chunk_grad_", "addmm_fp32_", "linear_ce_forward"])
         got, seen = _compiled_ce_matches_eager(f, hidden, w_local)
         torch._dynamo.reset()
-    assert seen == {"shardformer.ce_chunk_stats.default", "shardformer.ce_chunk_grad_.default"}, seen
-    assert sorted(set(calls)) == ["ce_chunk_grad_", "ce_chunk_stats"], calls
+    assert seen == {f"shardformer.{op}.default" for op in ("ce_chunk_stats", "ce_chunk_grad_", "addmm_fp32_")}, seen
+    assert sorted(set(calls)) == ["addmm_fp32_", "ce_chunk_grad_", "ce_chunk_stats"], calls
     _close(got, _ce_oracle(hidden, weight, target, reduction, vocab=vocab_true))
     want_gw = _grads(_ce_oracle(hidden, weight, target, reduction, vocab=vocab_true), [weight])[0]
     _close(_grads(f(hidden, w_local), [w_local])[0], want_gw[rank * shard:(rank + 1) * shard])

@@ -339,8 +339,25 @@ def test_custom_ops_opcheck():
         (ops._swiglu_bwd, (torch.randn_like(x), x, torch.randn_like(x))),
         (ce._ce_chunk_stats, (logits, tl, 28)),
         (ce._ce_chunk_grad_, (logits.clone(), lse, tl, 28, scale)),
+        (ce._addmm_fp32_, (torch.randn(30, 40, device=DEV), logits.t(), hidden[:4])),
         (ce._linear_ce_forward, (hidden, head, target, -100, 4, True, 30, True, True)),
         (ce._linear_ce_forward, (hidden, head, target, -100, 4, False, 30, False, True)),
     ]
     for op, args in cases:
         opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_python_loop_on_the_extension(dtype):
+    """A vocab shard without a process group runs the Python chunk loop over the extension's ops
+    (ce_chunk_stats, ce_chunk_grad_, addmm_fp32_), as tensor parallelism does: same as the torch loop."""
+    torch.manual_seed(9)
+    hidden = torch.randn(37, 64, device=DEV, dtype=dtype, requires_grad=True)
+    weight = (0.05 * torch.randn(300, 64, device=DEV, dtype=dtype)).requires_grad_()
+    target = torch.randint(0, 590, (37,), device=DEV)
+    kw = dict(chunk_size=16, vocab_start=300, vocab_size=590)
+    got = ops.linear_cross_entropy(hidden, weight, target, **kw)
+    want = cross_entropy.linear_cross_entropy(hidden, weight, target, **kw)  # torch ops only
+    _check(got, want, torch.float32)
+    for a, b in zip(torch.autograd.grad(got, [hidden, weight]), torch.autograd.grad(want, [hidden, weight])):
+        _check(a, b, dtype)

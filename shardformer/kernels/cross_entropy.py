@@ -20,7 +20,8 @@ all-reduce it again. Vocabulary rows at global index ``>= vocab_size`` (padding)
 
 The per-chunk work is pluggable: ``torch`` ops here, or the CUDA extension's kernels. The
 extension's entry points are only called through the ``shardformer::linear_ce_forward``,
-``shardformer::ce_chunk_stats`` and ``shardformer::ce_chunk_grad_`` custom ops below (with fake
+``shardformer::ce_chunk_stats``, ``shardformer::ce_chunk_grad_`` and ``shardformer::addmm_fp32_``
+custom ops below (with fake
 implementations), so ``torch.compile`` traces the fused loss without a graph break.
 """
 
@@ -135,6 +136,22 @@ def _(logits, lse, target_local, vocab_valid, row_scale):
     return None
 
 
+@torch.library.custom_op("shardformer::addmm_fp32_", mutates_args=("acc",))
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """CUDA ``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` in the matmul dtype, accumulated in
+    the GEMM's epilogue (no ``[V, H]`` temporary in the matmul dtype)."""
+    cuda.require().addmm_fp32_(acc, a, b)
+
+
+@_addmm_fp32_.register_fake
+def _(acc, a, b):
+    return None
+
+
+def _torch_accumulate(acc, a, b):
+    acc += (a @ b).float()
+
+
 def _ext_chunk_grad(logits, lse, target_local, vocab_valid: int, row_scale):
     """``ce_chunk_grad``'s signature over the in-place op: the logits buffer becomes the gradient."""
     _ce_chunk_grad_(logits, lse, target_local, vocab_valid, row_scale)
@@ -142,8 +159,9 @@ def _ext_chunk_grad(logits, lse, target_local, vocab_valid: int, row_scale):
 
 
 def _loop(hidden, weight, target, ignore_index, chunk_size, mean, need_h, need_w,
-          group, vocab_start, vocab_valid, compute_dtype, stats_fn, grad_fn):
-    """The chunk loop; returns ``(loss fp32 scalar, grad_hidden | None, grad_weight fp32 | None)``."""
+          group, vocab_start, vocab_valid, compute_dtype, stats_fn, grad_fn, acc_fn=_torch_accumulate):
+    """The chunk loop; returns ``(loss fp32 scalar, grad_hidden | None, grad_weight fp32 | None)``.
+    ``acc_fn(acc, a, b)`` adds ``a @ b`` into the fp32 weight gradient."""
     n, h_dim = hidden.shape
     w = weight.to(compute_dtype)
     valid_all = target != ignore_index
@@ -175,7 +193,7 @@ def _loop(hidden, weight, target, ignore_index, chunk_size, mean, need_h, need_w
             if need_h:
                 grad_h[start:end] = g @ w
             if need_w:
-                grad_w += (g.t() @ h).float()
+                acc_fn(grad_w, g.t(), h)
             del g
         del logits
     if need_h and group is not None:
@@ -206,9 +224,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             else:
                 stats_fn = _ce_chunk_stats if use_ext else ce_chunk_stats
                 grad_fn = _ext_chunk_grad if use_ext else ce_chunk_grad
+                acc_fn = _addmm_fp32_ if use_ext else _torch_accumulate
                 loss, gh, gw = _loop(hidden, weight, target, ignore_index, chunk_size, mean, need_h,
                                      need_w, group, vocab_start, vocab_valid, compute_dtype,
-                                     stats_fn, grad_fn)
+                                     stats_fn, grad_fn, acc_fn)
         ctx.save_for_backward(
             gh.to(hidden.dtype) if gh is not None else None,
             gw.to(weight.dtype) if gw is not None else None,
