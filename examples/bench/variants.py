@@ -25,9 +25,10 @@ def skip_reason(name: str, args) -> str | None:
 
 
 def ensure_process_group(device: str) -> str:
-    """A world of 1 unless one exists (nccl on CUDA, gloo if nccl does not start, gloo on CPU); its backend.
-    With tp = dp = 1 shardformer runs no collective, so the backend costs nothing in the timed steps."""
-    for backend in (("nccl", "gloo") if device == "cuda" else ("gloo",)):
+    """A world of 1 unless one exists; its backend. gloo, also on CUDA: with tp = dp = 1 shardformer
+    runs no collective, so the backend costs nothing in the timed steps, and gloo cannot hang the
+    lease in an NCCL start-up the way a sandboxed GPU machine might (nccl only if gloo fails)."""
+    for backend in ("gloo", "nccl") if device == "cuda" else ("gloo",):
         if dist.is_initialized():
             break
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
