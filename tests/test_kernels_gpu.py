@@ -6,10 +6,14 @@ Tolerances (relative to the largest magnitude of the expected tensor):
   reference rounds after every op (e.g. ``q*cos``, ``rotate_half(q)*sin`` and their sum are three
   roundings) while the kernels compute in fp32 and round once, and reductions (dw, dW, dh) sum
   thousands of rounded terms in a different order, so a few ulps of disagreement are expected.
-Every test is marked ``gpu`` and skipped without CUDA.
+Every test is marked ``gpu`` and skipped without CUDA. With ``SHARDFORMER_GPU_TESTS_ON_CPU=1`` the
+file's own code runs on the CPU against the mocked extension of ``test_kernels_cpu`` instead (the
+CPU suite does so, ``test_gpu_tests_dry_run.py``), so that a lent GPU session never finds a bug in
+the tests themselves; the CUDA memory statistics test is skipped then.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -17,9 +21,21 @@ import torch.nn.functional as F
 
 from shardformer.kernels import cross_entropy, cuda, ops, reference
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+DRY_RUN = os.environ.get("SHARDFORMER_GPU_TESTS_ON_CPU") == "1"
+pytestmark = [pytest.mark.gpu] + ([] if DRY_RUN else [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
 
-DEV = "cuda"
+DEV = "cpu" if DRY_RUN else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _mocked_extension_on_cpu(monkeypatch):
+    if DRY_RUN:
+        from tests.test_kernels_cpu import _FakeExt
+
+        monkeypatch.setattr(cuda, "load", lambda: _FakeExt)
+        monkeypatch.setattr(ops, "_use_cuda", lambda *t: all(x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                                            for x in t))
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
@@ -154,7 +170,7 @@ def test_linear_cross_entropy(dtype, reduction, n, h, v, chunk):
 
 def test_linear_cross_entropy_autocast_fp32_weights():
     hidden, weight, target = _ce_inputs(33, 64, 515, torch.float32)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(DEV, dtype=torch.bfloat16):
         got = ops.linear_cross_entropy(hidden, weight, target, chunk_size=16)
         want = F.cross_entropy((hidden @ weight.t()).float(), target)
     _check(got, want, torch.bfloat16)
@@ -183,6 +199,8 @@ def test_ce_chunk_kernels_with_padding(dtype):
 @pytest.mark.parametrize("chunk", [256, None])  # None: the default chunking (N/4 rows here)
 def test_linear_cross_entropy_peak_memory(chunk):
     """The full [N, V] fp32 logits (N*V*4 bytes) are never allocated."""
+    if DRY_RUN:
+        pytest.skip("CUDA memory statistics")
     n, h, v = 4096, 256, 32000
     hidden, weight, target = _ce_inputs(n, h, v, torch.bfloat16)
     torch.cuda.synchronize()
@@ -251,12 +269,12 @@ def test_tiny_llama_fused_under_bf16_autocast(monkeypatch):
         monkeypatch.setattr(ops, name, lambda *a, _r=real, _n=name: calls.__setitem__(_n, calls.get(_n, 0) + 1) or _r(*a))
     ref, fused = _tiny_llama_pair()
     ids = torch.randint(0, 211, (2, 17), device=DEV)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(DEV, dtype=torch.bfloat16):
         loss_ref = ref(input_ids=ids, labels=ids).loss
     loss_ref.backward()
     enable_fused_rotary(fused)
     try:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
             loss = fused(input_ids=ids, labels=ids).loss
         loss.backward()
     finally:
@@ -279,7 +297,7 @@ def test_fused_ops_compile_without_graph_breaks(policy, monkeypatch):
 
     def f(x, w, q):
         y = ops.rms_norm(x, w, 1e-6)
-        z = ops.swiglu(y, y)
+        z = ops.swiglu(y, 2 * x)  # distinct gate and up (dynamo refuses one tensor twice into an autograd.Function)
         qo, ko = ops.apply_rotary(q, q[:, :1] * 3, cos, sin)  # distinct q, k (as in attention)
         return z.sum() + qo.sum() + ko.sum()
 
