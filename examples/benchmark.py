@@ -55,6 +55,9 @@ needs is read by both; re-reads within one kernel are not counted):
 The LM head + cross-entropy ``linear_ce`` [tokens, hidden] x [vocab, hidden] is compute-bound: it
 reports TFLOP/s (6 x tokens x hidden x vocab) against the measured matmul rate, and each
 implementation's extra peak memory (the eager one materialises bf16 and fp32 logits).
+``attention`` [B, Hq, Hkv, S, D] times HF's SDPA call (causal, GQA) on SDPA's default choice and on
+each backend forced (flash, cuDNN, memory-efficient), in TFLOP/s (causal: forward 2 B Hq S^2 D,
+backward 2.5x); shardformer ships no attention kernel, so this says which backend to prefer.
 
 Run order: every HF variant before any shardformer kernel touches the GPU (a faulting kernel poisons
 the CUDA context for the rest of the process), then what the issue's targets need (sf_fused, the

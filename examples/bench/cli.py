@@ -6,7 +6,7 @@ import argparse
 import torch
 from transformers import LlamaConfig
 
-from .common import KERNELS, LLAMA_1B, TINY, VARIANTS
+from .common import KERNELS, LLAMA_1B, NOT_COMPILED, TINY, VARIANTS
 
 
 def _names(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -85,6 +85,6 @@ def plan_stages(args) -> list[tuple[str, str]]:
     plan += [("kernel", k) for k in kernels if k == "rmsnorm"]
     plan += [("variant", "sf_fused_compile")] if "sf_fused_compile" in args.variants else []
     plan += [("kernel", k) for k in kernels if k != "rmsnorm"]
-    plan += [("kernel_compiled", k) for k in kernels] if args.device == "cuda" else []
+    plan += [("kernel_compiled", k) for k in kernels if k not in NOT_COMPILED] if args.device == "cuda" else []
     plan += [("variant", "sf_fused_compile_custom")] if "sf_fused_compile_custom" in args.variants else []
     return plan

@@ -9,17 +9,19 @@ PEAK_TFLOPS_BF16 = 989.0  # H100 / H200 SXM dense bf16, the MFU denominator DESI
 VARIANTS = ("hf_eager", "hf_compile", "hf_liger", "sf_fused", "sf_fused_compile", "sf_fused_compile_custom")
 PEERS = ("hf_compile", "hf_liger")
 COMPILED = ("hf_compile", "sf_fused_compile", "sf_fused_compile_custom")
-KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce")
+KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "attention")
+NOT_COMPILED = ("attention",)  # torch.compile of SDPA runs the same kernel: no compiled reference
 EST_S = {"variant": 25, "compiled": 90, "kernel": 10, "kernel_compiled": 20}  # for --time-budget
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/bench/ -> root
 GIB = 1024 ** 3
 
 LLAMA_1B = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, batch=8, seq=2048)
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=250, batch=2, seq=64)
-# rmsnorm (rows, hidden), swiglu (rows, inter), rotary (B, Hq, Hkv, S, D), linear_ce (tokens, hidden, vocab)
+# rmsnorm (rows, hidden), swiglu (rows, inter), rotary and attention (B, Hq, Hkv, S, D), linear_ce (tokens, hidden, vocab)
 KERNEL_SHAPES = dict(rmsnorm=(32768, 4096), swiglu=(16384, 8192), rotary=(8, 32, 8, 2048, 64),
-                     linear_ce=(16384, 2048, 128256))
-TINY_KERNEL_SHAPES = dict(rmsnorm=(1024, 256), swiglu=(1024, 256), rotary=(2, 4, 2, 64, 16), linear_ce=(256, 64, 1000))
+                     linear_ce=(16384, 2048, 128256), attention=(8, 32, 8, 2048, 64))
+TINY_KERNEL_SHAPES = dict(rmsnorm=(1024, 256), swiglu=(1024, 256), rotary=(2, 4, 2, 64, 16), linear_ce=(256, 64, 1000),
+                          attention=(2, 4, 2, 64, 16))
 
 
 def log(msg: str = "") -> None:

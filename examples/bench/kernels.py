@@ -1,8 +1,12 @@
-"""Kernel micro-benchmarks, forward + backward: eager reference, its torch.compile, shardformer, Liger."""
+"""Kernel micro-benchmarks, forward + backward: eager reference, its torch.compile, shardformer, Liger;
+and SDPA's attention backends (shardformer ships no attention kernel; this shows which SDPA should use)."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llama import modeling_llama
 
 from shardformer import kernels as sf_kernels
@@ -12,6 +16,9 @@ from .common import error_record, liger_import_error
 from .timing import free_memory, peak_over, start_peak, synchronize, time_op
 
 HF_APPLY_ROTARY = modeling_llama.apply_rotary_pos_emb  # captured before anything rebinds it
+
+
+_LIGER_KINDS = {"rmsnorm": True, "swiglu": True, "rotary": True, "linear_ce": True}  # kinds Liger implements
 
 
 def _liger(kind: str):
@@ -87,6 +94,20 @@ def kernel_case(kind: str, shape, dtype, device) -> dict:
             impls["liger"] = lambda h, w: lce(w, h, target)
         return dict(ins=(leaf(tokens, hidden), leaf(vocab, hidden, scale=0.02)), grads=None,  # d loss = 1
                     impls=impls, flops=6 * tokens * hidden * vocab)
+    if kind == "attention":  # HF's SDPA call (GQA, causal) on each backend: which one SDPA should prefer
+        b, hq, hkv, s, d = shape
+
+        def sdpa(backend=None):
+            def run(q, k, v):
+                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return run
+
+        impls = {"eager": sdpa(), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+                 "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
+        # FLOPs: causal forward 2*B*Hq*S^2*D (half of QK^T and PV), backward 2.5x forward
+        return dict(ins=(leaf(b, hq, s, d), leaf(b, hkv, s, d), leaf(b, hkv, s, d)), impls=impls,
+                    grads=torch.randn(b, hq, s, d, device=device, dtype=dtype), flops=3.5 * 2 * b * hq * s * s * d)
     raise ValueError(kind)
 
 
@@ -138,7 +159,7 @@ def run_kernel(kind: str, shape, args, ceilings: dict, result: dict | None, comp
             result["impls"][impl] = time_kernel(fn, case, device, ceilings)
         except Exception as exc:  # noqa: BLE001
             result["impls"][impl] = error_record(exc)
-    if not compiled and "liger" not in todo:
+    if not compiled and "liger" not in todo and _LIGER_KINDS.get(kind):
         result["impls"]["liger"] = {"status": "skipped", "reason": liger_import_error() or "Liger-Kernel needs CUDA"}
     del case, todo
     torch._dynamo.reset()
