@@ -114,20 +114,25 @@ __global__ void rmsnorm_bwd_kernel(const TO* __restrict__ dy, const TX* __restri
 template <typename T, int N>
 bool vec_ok(const T* p) { return aligned_to(p, sizeof(T) * N); }
 
+// An optional input that must match `ref` (contiguous, same device, shape and dtype); true when given.
+bool optional_like(const c10::optional<at::Tensor>& t, const at::Tensor& ref, const char* what) {
+  if (!t.has_value() || !t->defined()) return false;
+  TORCH_CHECK(t->is_contiguous() && t->device() == ref.device() && t->sizes() == ref.sizes() &&
+                  t->scalar_type() == ref.scalar_type(),
+              what, " must be a contiguous tensor with the device, shape and dtype of ", ref.sizes(), " ",
+              ref.scalar_type(), " on ", ref.device());
+  return true;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> rmsnorm_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                     const at::Tensor& weight, double eps) {
   SF_CHECK_CUDA(x); SF_CHECK_CONTIG(x); SF_CHECK_CUDA(weight); SF_CHECK_CONTIG(weight);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "rmsnorm_fwd: x [R, H], weight [H]");
-  const bool has_res = residual.has_value() && residual->defined();
   TORCH_CHECK(x.size(0) <= INT_MAX, "rmsnorm_fwd: at most 2^31-1 rows (one block per row)");
   TORCH_CHECK(weight.device() == x.device(), "rmsnorm_fwd: weight must be on x's device");
-  if (has_res) {
-    SF_CHECK_CONTIG((*residual));
-    TORCH_CHECK(residual->device() == x.device(), "rmsnorm_fwd: residual must be on x's device");
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(), "rmsnorm_fwd: residual like x");
-  }
+  const bool has_res = optional_like(residual, x, "rmsnorm_fwd: residual");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
   const int H = static_cast<int>(x.size(1));
@@ -146,15 +151,13 @@ std::vector<at::Tensor> rmsnorm_fwd(const at::Tensor& x, const c10::optional<at:
       TX* s_p = has_res ? s.data_ptr<TX>() : nullptr;
       const bool vec = H % V == 0 && vec_ok<TX, V>(x.data_ptr<TX>()) && vec_ok<TW, V>(weight.data_ptr<TW>()) &&
                        vec_ok<TO, V>(y.data_ptr<TO>()) && (!has_res || (vec_ok<TX, V>(res_p) && vec_ok<TX, V>(s_p)));
-      auto stream = c10::cuda::getCurrentCUDAStream();
-      if (vec) {
-        rmsnorm_fwd_kernel<TX, TW, TO, V><<<rows, threads_for(H / V), 0, stream>>>(
+      auto launch = [&](auto kernel, int threads) {
+        kernel<<<rows, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             x.data_ptr<TX>(), res_p, weight.data_ptr<TW>(), y.data_ptr<TO>(), s_p, rstd.data_ptr<float>(), H, (float)eps);
-      } else {
-        rmsnorm_fwd_kernel<TX, TW, TO, 1><<<rows, threads_for(H), 0, stream>>>(
-            x.data_ptr<TX>(), res_p, weight.data_ptr<TW>(), y.data_ptr<TO>(), s_p, rstd.data_ptr<float>(), H, (float)eps);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (vec) launch(rmsnorm_fwd_kernel<TX, TW, TO, V>, threads_for(H / V));
+      else launch(rmsnorm_fwd_kernel<TX, TW, TO, 1>, threads_for(H));
     });
   });
   return {y, s, rstd};
@@ -166,14 +169,9 @@ std::vector<at::Tensor> rmsnorm_bwd(const at::Tensor& dy, const at::Tensor& xs, 
   TORCH_CHECK(dy.sizes() == xs.sizes() && xs.dim() == 2 && weight.size(0) == xs.size(1), "rmsnorm_bwd: shapes");
   TORCH_CHECK(xs.is_cuda() && weight.is_cuda() && rstd.is_cuda() && rstd.scalar_type() == at::kFloat &&
               rstd.numel() == xs.size(0), "rmsnorm_bwd: xs/weight/rstd must be CUDA tensors, rstd fp32 [R]");
-  const bool has_ds = ds.has_value() && ds->defined();
   TORCH_CHECK(xs.device() == dy.device() && weight.device() == dy.device() && rstd.device() == dy.device(),
               "rmsnorm_bwd: all tensors on one device");
-  if (has_ds) {
-    SF_CHECK_CONTIG((*ds));
-    TORCH_CHECK(ds->device() == dy.device(), "rmsnorm_bwd: ds must be on dy's device");
-    TORCH_CHECK(ds->sizes() == xs.sizes() && ds->scalar_type() == xs.scalar_type(), "rmsnorm_bwd: ds like xs");
-  }
+  const bool has_ds = optional_like(ds, xs, "rmsnorm_bwd: ds");
   const c10::cuda::OptionalCUDAGuard guard(xs.device());
   const int64_t rows = xs.size(0);
   const int H = static_cast<int>(xs.size(1));

@@ -427,21 +427,26 @@ def _count_calls(mp, names):
     return calls
 
 
+def _recording_backend(seen: set):
+    """aot_eager, after adding the ``shardformer::`` ops of dynamo's graph to ``seen`` (autograd
+    Functions are traced into submodules, so every submodule's graph is read)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    def backend(gm, example_inputs):
+        for mod in gm.modules():
+            seen.update(str(n.target) for n in mod.graph.nodes if "shardformer" in str(n.target))
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
 def _compiled_ce_matches_eager(f, hidden, weight, tol=dict(rtol=1e-5, atol=0.0)):
     """``torch.compile(f, fullgraph=True)`` gives f's loss and hidden/weight gradients; returns the
     compiled loss and the ``shardformer::`` ops in dynamo's graph (the fake extension is plain
     Python that dynamo would inline: only these nodes show the extension is behind custom ops)."""
-    from torch._dynamo.backends.debugging import aot_eager
-
     ops_seen = set()
-
-    def backend(gm, example_inputs):
-        for mod in gm.modules():
-            ops_seen.update(str(n.target) for n in mod.graph.nodes if "shardformer" in str(n.target))
-        return aot_eager(gm, example_inputs)
-
     torch._dynamo.reset()
-    got = torch.compile(f, fullgraph=True, backend=backend)(hidden, weight)
+    got = torch.compile(f, fullgraph=True, backend=_recording_backend(ops_seen))(hidden, weight)
     want = f(hidden, weight)
     _close(got, want, tol)
     _close(_grads(got, [hidden, weight]), _grads(want, [hidden, weight]), tol)
@@ -508,16 +513,8 @@ def test_wrappers_compile_fullgraph_via_fake_ext(fake_cuda, monkeypatch, policy)
     """The custom ops' fake kernels let torch.compile trace rms_norm/swiglu/rotary in one graph
     ("custom"); by default ("inductor") the graph holds their reference formulas instead, for
     Inductor to fuse. Same values and gradients either way."""
-    from torch._dynamo.backends.debugging import aot_eager
-
     monkeypatch.setattr(ops, "COMPILED_KERNELS", policy)
     seen = set()
-
-    def backend(gm, example_inputs):
-        for mod in gm.modules():  # autograd.Functions are traced into submodules
-            seen.update(str(n.target) for n in mod.graph.nodes if "shardformer" in str(n.target))
-        return aot_eager(gm, example_inputs)
-
     torch.manual_seed(10)
     x = torch.randn(3, 5, 16, requires_grad=True)
     w = torch.randn(16, requires_grad=True)
@@ -530,7 +527,7 @@ def test_wrappers_compile_fullgraph_via_fake_ext(fake_cuda, monkeypatch, policy)
         return qo.sum() + 2 * ko.sum()
 
     torch._dynamo.reset()
-    got = torch.compile(f, fullgraph=True, backend=backend)(x, w)
+    got = torch.compile(f, fullgraph=True, backend=_recording_backend(seen))(x, w)
     want = f(x, w)
     _close(got, want)
     _close(torch.autograd.grad(got, [x, w]), torch.autograd.grad(want, [x, w]))
