@@ -26,6 +26,12 @@ inline void dispatch_float(at::ScalarType t, const char* what, F&& f) {
   }
 }
 
+// Calls f(A{}, B{}) with the C++ types of two floating dtypes (e.g. an input's and a weight's).
+template <typename F>
+inline void dispatch_float2(at::ScalarType a, at::ScalarType b, const char* what, F&& f) {
+  dispatch_float(a, what, [&](auto av) { dispatch_float(b, what, [&](auto bv) { f(av, bv); }); });
+}
+
 template <typename T>
 constexpr at::ScalarType scalar_type_of() { return c10::CppTypeToScalarType<T>::value; }
 

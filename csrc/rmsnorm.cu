@@ -139,26 +139,24 @@ std::vector<at::Tensor> rmsnorm_fwd(const at::Tensor& x, const c10::optional<at:
   at::Tensor s = has_res ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   at::Tensor y;
-  dispatch_float(x.scalar_type(), "rmsnorm_fwd", [&](auto xv) {
+  dispatch_float2(x.scalar_type(), weight.scalar_type(), "rmsnorm_fwd", [&](auto xv, auto wv) {
     using TX = decltype(xv);
-    dispatch_float(weight.scalar_type(), "rmsnorm_fwd", [&](auto wv) {
-      using TW = decltype(wv);
-      using TO = promote_t<TX, TW>;
-      y = at::empty(x.sizes(), x.options().dtype(scalar_type_of<TO>()));
-      if (rows == 0 || H == 0) return;
-      constexpr int V = 16 / sizeof(TX);
-      const TX* res_p = has_res ? residual->data_ptr<TX>() : nullptr;
-      TX* s_p = has_res ? s.data_ptr<TX>() : nullptr;
-      const bool vec = H % V == 0 && vec_ok<TX, V>(x.data_ptr<TX>()) && vec_ok<TW, V>(weight.data_ptr<TW>()) &&
-                       vec_ok<TO, V>(y.data_ptr<TO>()) && (!has_res || (vec_ok<TX, V>(res_p) && vec_ok<TX, V>(s_p)));
-      auto launch = [&](auto kernel, int threads) {
-        kernel<<<rows, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            x.data_ptr<TX>(), res_p, weight.data_ptr<TW>(), y.data_ptr<TO>(), s_p, rstd.data_ptr<float>(), H, (float)eps);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (vec) launch(rmsnorm_fwd_kernel<TX, TW, TO, V>, threads_for(H / V));
-      else launch(rmsnorm_fwd_kernel<TX, TW, TO, 1>, threads_for(H));
-    });
+    using TW = decltype(wv);
+    using TO = promote_t<TX, TW>;
+    y = at::empty(x.sizes(), x.options().dtype(scalar_type_of<TO>()));
+    if (rows == 0 || H == 0) return;
+    constexpr int V = 16 / sizeof(TX);
+    const TX* res_p = has_res ? residual->data_ptr<TX>() : nullptr;
+    TX* s_p = has_res ? s.data_ptr<TX>() : nullptr;
+    const bool vec = H % V == 0 && vec_ok<TX, V>(x.data_ptr<TX>()) && vec_ok<TW, V>(weight.data_ptr<TW>()) &&
+                     vec_ok<TO, V>(y.data_ptr<TO>()) && (!has_res || (vec_ok<TX, V>(res_p) && vec_ok<TX, V>(s_p)));
+    auto launch = [&](auto kernel, int threads) {
+      kernel<<<rows, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          x.data_ptr<TX>(), res_p, weight.data_ptr<TW>(), y.data_ptr<TO>(), s_p, rstd.data_ptr<float>(), H, (float)eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec) launch(rmsnorm_fwd_kernel<TX, TW, TO, V>, threads_for(H / V));
+    else launch(rmsnorm_fwd_kernel<TX, TW, TO, 1>, threads_for(H));
   });
   return {y, s, rstd};
 }
@@ -182,34 +180,32 @@ std::vector<at::Tensor> rmsnorm_bwd(const at::Tensor& dy, const at::Tensor& xs, 
   const size_t smem = need_dw ? size_t(H) * sizeof(float) : 0;
   TORCH_CHECK(smem <= 128 * 1024, "rmsnorm_bwd: hidden size ", H, " too large for the shared-memory dw accumulator");
   at::Tensor partial;
-  dispatch_float(xs.scalar_type(), "rmsnorm_bwd", [&](auto xv) {
+  dispatch_float2(xs.scalar_type(), weight.scalar_type(), "rmsnorm_bwd", [&](auto xv, auto wv) {
     using TX = decltype(xv);
-    dispatch_float(weight.scalar_type(), "rmsnorm_bwd", [&](auto wv) {
-      using TW = decltype(wv);
-      using TO = promote_t<TX, TW>;
-      TORCH_CHECK(dy.scalar_type() == scalar_type_of<TO>(), "rmsnorm_bwd: dy dtype must be the forward output dtype");
-      constexpr int V = 16 / sizeof(TX);
-      const TX* ds_p = has_ds ? ds->data_ptr<TX>() : nullptr;
-      const bool vec = H % V == 0 && vec_ok<TO, V>(dy.data_ptr<TO>()) && vec_ok<TX, V>(xs.data_ptr<TX>()) &&
-                       vec_ok<TW, V>(weight.data_ptr<TW>()) && vec_ok<TX, V>(dx.data_ptr<TX>()) &&
-                       (!has_ds || vec_ok<TX, V>(ds_p));
-      auto stream = c10::cuda::getCurrentCUDAStream();
-      auto launch = [&](auto kernel, int threads) {
-        if (smem > 48 * 1024)
-          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-        // As many persistent blocks as fit on the device at once (each one owns a dw partial row).
-        int per_sm = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-        const int64_t blocks = std::min<int64_t>(rows, int64_t(std::max(per_sm, 1)) * sms);
-        if (need_dw) partial = at::empty({blocks, H}, xs.options().dtype(at::kFloat));
-        float* part_p = need_dw ? partial.data_ptr<float>() : nullptr;
-        kernel<<<blocks, threads, smem, stream>>>(dy.data_ptr<TO>(), xs.data_ptr<TX>(), weight.data_ptr<TW>(),
-                                                  rstd.data_ptr<float>(), ds_p, dx.data_ptr<TX>(), part_p, rows, H);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (vec) launch(rmsnorm_bwd_kernel<TX, TW, TO, V>, threads_for(H / V));
-      else launch(rmsnorm_bwd_kernel<TX, TW, TO, 1>, threads_for(H));
-    });
+    using TW = decltype(wv);
+    using TO = promote_t<TX, TW>;
+    TORCH_CHECK(dy.scalar_type() == scalar_type_of<TO>(), "rmsnorm_bwd: dy dtype must be the forward output dtype");
+    constexpr int V = 16 / sizeof(TX);
+    const TX* ds_p = has_ds ? ds->data_ptr<TX>() : nullptr;
+    const bool vec = H % V == 0 && vec_ok<TO, V>(dy.data_ptr<TO>()) && vec_ok<TX, V>(xs.data_ptr<TX>()) &&
+                     vec_ok<TW, V>(weight.data_ptr<TW>()) && vec_ok<TX, V>(dx.data_ptr<TX>()) &&
+                     (!has_ds || vec_ok<TX, V>(ds_p));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    auto launch = [&](auto kernel, int threads) {
+      if (smem > 48 * 1024)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      // As many persistent blocks as fit on the device at once (each one owns a dw partial row).
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+      const int64_t blocks = std::min<int64_t>(rows, int64_t(std::max(per_sm, 1)) * sms);
+      if (need_dw) partial = at::empty({blocks, H}, xs.options().dtype(at::kFloat));
+      float* part_p = need_dw ? partial.data_ptr<float>() : nullptr;
+      kernel<<<blocks, threads, smem, stream>>>(dy.data_ptr<TO>(), xs.data_ptr<TX>(), weight.data_ptr<TW>(),
+                                                rstd.data_ptr<float>(), ds_p, dx.data_ptr<TX>(), part_p, rows, H);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec) launch(rmsnorm_bwd_kernel<TX, TW, TO, V>, threads_for(H / V));
+    else launch(rmsnorm_bwd_kernel<TX, TW, TO, 1>, threads_for(H));
   });
   if (need_dw) dw = partial.sum(0).to(weight.scalar_type());
   return {dx, dw};
