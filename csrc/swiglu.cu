@@ -67,13 +67,14 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
     constexpr int V = 16 / sizeof(T);
     const int threads = 256;
     auto stream = c10::cuda::getCurrentCUDAStream();
+    auto launch = [&](auto kernel, int64_t count) {  // count: vectors (or elements) to process
+      kernel<<<grid_for(count, threads), threads, 0, stream>>>(gate.data_ptr<T>(), up.data_ptr<T>(), y.data_ptr<T>(), count);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     if (n % V == 0 && aligned_to(gate.data_ptr(), 16) && aligned_to(up.data_ptr(), 16) && aligned_to(y.data_ptr(), 16))
-      swiglu_fwd_kernel<T, V><<<grid_for(n / V, threads), threads, 0, stream>>>(
-          gate.data_ptr<T>(), up.data_ptr<T>(), y.data_ptr<T>(), n / V);
+      launch(swiglu_fwd_kernel<T, V>, n / V);
     else
-      swiglu_fwd_kernel<T, 1><<<grid_for(n, threads), threads, 0, stream>>>(
-          gate.data_ptr<T>(), up.data_ptr<T>(), y.data_ptr<T>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(swiglu_fwd_kernel<T, 1>, n);
   });
   return y;
 }
@@ -92,13 +93,13 @@ std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
     auto stream = c10::cuda::getCurrentCUDAStream();
     const bool vec = n % V == 0 && aligned_to(dy.data_ptr(), 16) && aligned_to(gate.data_ptr(), 16) &&
                      aligned_to(up.data_ptr(), 16) && aligned_to(dg.data_ptr(), 16) && aligned_to(du.data_ptr(), 16);
-    if (vec)
-      swiglu_bwd_kernel<T, V><<<grid_for(n / V, threads), threads, 0, stream>>>(
-          dy.data_ptr<T>(), gate.data_ptr<T>(), up.data_ptr<T>(), dg.data_ptr<T>(), du.data_ptr<T>(), n / V);
-    else
-      swiglu_bwd_kernel<T, 1><<<grid_for(n, threads), threads, 0, stream>>>(
-          dy.data_ptr<T>(), gate.data_ptr<T>(), up.data_ptr<T>(), dg.data_ptr<T>(), du.data_ptr<T>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto kernel, int64_t count) {
+      kernel<<<grid_for(count, threads), threads, 0, stream>>>(dy.data_ptr<T>(), gate.data_ptr<T>(), up.data_ptr<T>(),
+                                                              dg.data_ptr<T>(), du.data_ptr<T>(), count);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec) launch(swiglu_bwd_kernel<T, V>, n / V);
+    else launch(swiglu_bwd_kernel<T, 1>, n);
   });
   return {dg, du};
 }
