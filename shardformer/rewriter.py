@@ -44,7 +44,8 @@ def _err(policy, entry: str, value, what: str) -> ValueError:
     return ValueError(f"policy {policy.name}.{entry}={value!r} {what}")
 
 
-def _resolve(root: nn.Module, path: str, root_name: str, policy, entry: str, kind=nn.Module):
+def resolve_entry(root: nn.Module, path: str, root_name: str, policy, entry: str, kind=nn.Module):
+    """The submodule `path` of `root`, else a ValueError naming the policy entry and `root_name`."""
     try:
         module = root.get_submodule(path)
     except AttributeError:
@@ -86,8 +87,8 @@ def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPla
     kv_heads = getattr(config, policy.num_kv_heads_attr, None) or heads
     kv_shards, kv_replicas = _kv_layout(tp, heads, kv_heads, policy)
 
-    embedding = _resolve(base, policy.embedding, base_name, policy, "embedding", nn.Embedding)
-    layers = _resolve(base, policy.layers, base_name, policy, "layers", nn.ModuleList)
+    embedding = resolve_entry(base, policy.embedding, base_name, policy, "embedding", nn.Embedding)
+    layers = resolve_entry(base, policy.layers, base_name, policy, "layers", nn.ModuleList)
     if len(layers) == 0:
         raise _err(policy, "layers", policy.layers, f"is empty in {base_name}")
 
@@ -100,7 +101,7 @@ def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPla
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is not None:
-        head = _resolve(model, policy.lm_head, type(model).__name__, policy, "lm_head", nn.Linear)
+        head = resolve_entry(model, policy.lm_head, type(model).__name__, policy, "lm_head", nn.Linear)
         if head is not output:
             raise _err(policy, "lm_head", policy.lm_head, "is not model.get_output_embeddings()")
         if head.out_features != vocab:
@@ -115,7 +116,7 @@ def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPla
             entry_name = f"{kind}_parallel"
             for entry in entries:
                 try:
-                    linear = _resolve(layer, entry, f"{layers_path}.{i}", policy, entry_name, nn.Linear)
+                    linear = resolve_entry(layer, entry, f"{layers_path}.{i}", policy, entry_name, nn.Linear)
                 except ValueError:
                     if entry in policy.optional:
                         continue
@@ -136,12 +137,12 @@ def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPla
                     spec = ShardSpec(0, linear.out_features, tp)
                 plan.specs[path], plan.kinds[path] = spec, kind
         for owner, linears in policy.tp_input_copies.items():
-            _resolve(layer, owner, f"{layers_path}.{i}", policy, "tp_input_copies")
+            resolve_entry(layer, owner, f"{layers_path}.{i}", policy, "tp_input_copies")
             targets = [prefix + entry for entry in linears if prefix + entry in plan.specs]
             if any(plan.kinds[t] != "column" for t in targets) or not set(linears) <= set(policy.column_parallel):
                 raise _err(policy, "tp_input_copies", owner, "must list column_parallel entries only")
             plan.input_copies[prefix + owner] = targets
-        attention = _resolve(layer, policy.attention, f"{layers_path}.{i}", policy, "attention")
+        attention = resolve_entry(layer, policy.attention, f"{layers_path}.{i}", policy, "attention")
         local = {"q_heads": heads // tp, "kv_heads": kv_heads // kv_shards}
         local["groups"] = local["q_heads"] // local["kv_heads"]
         attrs = {}
@@ -153,7 +154,8 @@ def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPla
     return plan
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at the dotted `path` of `model`."""
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
 
@@ -171,7 +173,7 @@ def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, policy, gr
     """Substitute the planned modules (see module docstring)."""
     for path, spec in plan.specs.items():
         cls = ColumnParallelLinear if plan.kinds[path] == "column" else RowParallelLinear
-        _replace(model, path, cls.from_linear(model.get_submodule(path), spec, group, tp_rank))
+        replace_module(model, path, cls.from_linear(model.get_submodule(path), spec, group, tp_rank))
     for owner, linears in plan.input_copies.items():
         model.get_submodule(owner).register_forward_hook(_copy_output_to(group))
         for path in linears:
@@ -184,11 +186,11 @@ def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, policy, gr
     embedding = VocabParallelEmbedding.from_embedding(
         model.get_submodule(plan.embedding_path), plan.vocab_spec, group, tp_rank
     )
-    _replace(model, plan.embedding_path, embedding)
+    replace_module(model, plan.embedding_path, embedding)
     if plan.head_path is not None:
         shared = embedding.weight if plan.tied else None
         head = VocabParallelLMHead.from_linear(
             model.get_submodule(plan.head_path), plan.vocab_spec, group, tp_rank, weight=shared
         )
-        _replace(model, plan.head_path, head)
+        replace_module(model, plan.head_path, head)
         model.loss_function = partial(LOSSES[policy.loss], head=head)

@@ -49,6 +49,14 @@ class OptionalEntryPolicy(MissingEntryPolicy):
     optional = ("mlp.no_such_proj",)
 
 
+class MissingFusedPolicy(LlamaPolicy):
+    fused_norms = LlamaPolicy.fused_norms + ("no_such_norm",)
+
+
+class OptionalFusedPolicy(MissingFusedPolicy):
+    optional = ("no_such_norm",)
+
+
 def check_setup_errors():
     model = build("llama")  # 8 heads, 2 KV heads, world of 2
     _expect_value_error(model, sf.ShardConfig(tp_size=3), "ShardConfig.tp_size=3",
@@ -58,6 +66,12 @@ def check_setup_errors():
                               "register_policy")
     _expect_value_error(copy.deepcopy(model), sf.ShardConfig(tp_size=2), "MissingEntryPolicy.column_parallel",
                         "mlp.no_such_proj", policy=MissingEntryPolicy())
+    unfused = copy.deepcopy(model)
+    _expect_value_error(unfused, sf.ShardConfig(tp_size=2), "MissingFusedPolicy.fused_norms", "no_such_norm",
+                        policy=MissingFusedPolicy())
+    assert type(unfused.model.layers[0].input_layernorm).__name__ == "LlamaRMSNorm"  # nothing swapped
+    fused = sf.shard_model(copy.deepcopy(model), policy=OptionalFusedPolicy, config=sf.ShardConfig(tp_size=2))
+    assert type(fused.model.layers[0].input_layernorm).__name__ == "FusedRMSNorm"
     capped = copy.deepcopy(model)
     capped.model.embed_tokens.max_norm = 1.0
     _expect_value_error(capped, sf.ShardConfig(tp_size=2), "model.model.embed_tokens.max_norm=1.0")

@@ -15,40 +15,48 @@ import warnings
 
 from torch import nn
 
+from ..rewriter import replace_module, resolve_entry
 from . import cuda
 from .attention import select_attention
 from .modules import FusedRMSNorm, FusedSwiGLUMLP
 from .rotary import enable_fused_rotary
 
 
-def _swap(model: nn.Module, path: str, build, policy, entry: str, relative: str) -> bool:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    module = getattr(parent, name, None)
-    if not isinstance(module, nn.Module):
-        if relative in policy.optional:
-            return False
-        raise ValueError(f"policy {policy.name}.{entry}={relative!r} matches nothing at {path} in {type(model).__name__}")
-    try:
-        setattr(parent, name, build(module))
-        return True
-    except ValueError as err:
-        warnings.warn(f"fused kernel not applied to {path}: {err}", stacklevel=3)
-        return False
+def _resolve_all(model: nn.Module, policy, todo) -> list:
+    """(path, module, builder) for every planned entry, before anything is replaced: an entry
+    that matches nothing raises (naming it) unless `optional`, leaving the model untouched."""
+    found = []
+    for root_path, relative, build, entry in todo:
+        root = model.get_submodule(root_path) if root_path else model
+        try:
+            module = resolve_entry(root, relative, root_path or type(model).__name__, policy, entry)
+        except ValueError:
+            if relative in policy.optional:
+                continue
+            raise
+        found.append((f"{root_path}.{relative}" if root_path else relative, module, build))
+    return found
 
 
 def apply_fused_kernels(model: nn.Module, policy, layers_path: str, base_path: str) -> list[str]:
     """Swap the policy's `fused_norms` (per layer and `final_norm`) and `fused_mlp`; return the
     paths swapped. `layers_path` locates the decoder layers, `base_path` ("" or "model.") the
-    base model. Raises ValueError for an entry that matches nothing (unless `optional`)."""
-    todo = []  # (path, builder, policy entry, entry value)
+    base model. Raises ValueError for an entry that matches nothing (unless `optional`), before
+    any module is replaced; a module the kernel cannot reproduce is left as it is, with a warning."""
+    todo = []  # (root path, entry value, builder, policy entry)
     for i in range(len(model.get_submodule(layers_path))):
-        todo += [(f"{layers_path}.{i}.{n}", FusedRMSNorm.from_hf, "fused_norms", n) for n in policy.fused_norms]
+        todo += [(f"{layers_path}.{i}", n, FusedRMSNorm.from_hf, "fused_norms") for n in policy.fused_norms]
         if policy.fused_mlp:
-            todo.append((f"{layers_path}.{i}.{policy.fused_mlp}", FusedSwiGLUMLP.from_hf, "fused_mlp", policy.fused_mlp))
+            todo.append((f"{layers_path}.{i}", policy.fused_mlp, FusedSwiGLUMLP.from_hf, "fused_mlp"))
     if policy.final_norm:
-        todo.append((base_path + policy.final_norm, FusedRMSNorm.from_hf, "final_norm", policy.final_norm))
-    done = [path for path, build, entry, rel in todo if _swap(model, path, build, policy, entry, rel)]
+        todo.append((base_path.rstrip("."), policy.final_norm, FusedRMSNorm.from_hf, "final_norm"))
+    done = []
+    for path, module, build in _resolve_all(model, policy, todo):
+        try:
+            replace_module(model, path, build(module))
+            done.append(path)
+        except ValueError as err:
+            warnings.warn(f"fused kernel not applied to {path}: {err}", stacklevel=2)
     if policy.fused_rotary and cuda.available():
         enable_fused_rotary(model)
     select_attention(model)
