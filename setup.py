@@ -5,7 +5,7 @@
 compiled on first use on a CUDA machine (shardformer/kernels/cuda.py), and CPU-only machines run
 the PyTorch reference.
 """
-import glob
+import importlib.util
 import os
 
 from setuptools import setup
@@ -14,17 +14,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 packages = ["shardformer", "shardformer.layers", "shardformer.kernels", "shardformer.policies"]
 kwargs = {}
 if os.environ.get("CUDA_EXT") == "1":
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension
 
-    sources = sorted(glob.glob("csrc/*.cu")) + ["csrc/bindings.cpp"]
-    kwargs = dict(
-        ext_modules=[CUDAExtension("shardformer._C", sources, extra_compile_args={
-            "cxx": ["-O3"],
-            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-                     "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
-        })],
-        cmdclass={"build_ext": BuildExtension},
-    )
+    # sources and flags from the file the JIT loader uses too, loaded by path (the package is not installed yet)
+    spec = importlib.util.spec_from_file_location("_sf_build", os.path.join(HERE, "shardformer", "kernels", "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    kwargs = dict(ext_modules=[build.cuda_extension(HERE)], cmdclass={"build_ext": BuildExtension})
 
 setup(
     name="shardformer",

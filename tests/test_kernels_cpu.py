@@ -5,6 +5,7 @@ Oracles: ``LlamaRMSNorm``, ``apply_rotary_pos_emb``, ``LlamaMLP`` from transform
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -535,18 +536,42 @@ def test_wrappers_compile_fullgraph_via_fake_ext(fake_cuda, monkeypatch, policy)
     assert seen == (custom if policy == "custom" else set()), seen
 
 
-def test_jit_link_flags_find_cudart(tmp_path):
+def test_link_flags_find_cudart(tmp_path):
     """torch's CUDA_HOME from a wrapper nvcc (/usr/local) has no libcudart: link against a toolkit's."""
-    from shardformer.kernels import cuda
+    from shardformer.kernels import build
 
     toolkit, wrapper = tmp_path / "cuda-13.0", tmp_path / "local"
     (toolkit / "lib64").mkdir(parents=True)
     (toolkit / "lib64" / "libcudart.so").touch()
     (wrapper / "lib").mkdir(parents=True)
-    assert cuda._link_flags(str(toolkit), [str(toolkit)]) == []
-    assert cuda._link_flags(str(wrapper), [str(wrapper), str(toolkit)]) == [f"-L{toolkit / 'lib64'}"]
-    assert cuda._link_flags(None, [str(toolkit)]) == [f"-L{toolkit / 'lib64'}"]
-    assert cuda._link_flags(str(wrapper), [str(wrapper)]) == []
+    assert build.link_flags(str(toolkit), [str(toolkit)]) == []
+    assert build.link_flags(str(wrapper), [str(wrapper), str(toolkit)]) == [f"-L{toolkit / 'lib64'}"]
+    assert build.link_flags(None, [str(toolkit)]) == [f"-L{toolkit / 'lib64'}"]
+    assert build.link_flags(str(wrapper), [str(wrapper)]) == []
+
+
+def test_setup_py_builds_the_jit_loaders_extension(monkeypatch):
+    """`CUDA_EXT=1 pip install .` compiles the same sources with the same flags and link fix as the JIT loader."""
+    import runpy
+
+    import setuptools
+    from torch.utils import cpp_extension
+
+    from shardformer.kernels import build
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/nonexistent-cuda-home")
+    monkeypatch.setattr(cpp_extension, "CUDAExtension", lambda name, sources, **kw: (name, sources, kw))
+    seen = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("CUDA_EXT", "1")
+    monkeypatch.chdir(root)
+    runpy.run_path(os.path.join(root, "setup.py"), run_name="__main__")
+    (name, sources, kw), = seen["ext_modules"]
+    assert name == "shardformer._C"
+    assert [os.path.join(root, s) for s in sources] == build.SOURCES and all(not os.path.isabs(s) for s in sources)
+    assert kw["extra_compile_args"] == {"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS}
+    assert kw["extra_link_args"] == build.link_flags("/nonexistent-cuda-home")
 
 
 def test_wrappers_linear_ce_vocab_offset_without_group_via_fake_ext(fake_cuda):

@@ -17,13 +17,9 @@ import warnings
 
 import torch
 
-__all__ = ["load", "available", "require", "SOURCES", "NVCC_FLAGS", "CXX_FLAGS"]
+from .build import CSRC, CXX_FLAGS, NVCC_FLAGS, SOURCES, link_flags
 
-CSRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "csrc"))
-SOURCES = sorted(glob.glob(os.path.join(CSRC, "*.cu"))) + [os.path.join(CSRC, "bindings.cpp")]
-CXX_FLAGS = ["-O3"]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+__all__ = ["load", "available", "require", "SOURCES", "NVCC_FLAGS", "CXX_FLAGS"]
 
 _state: dict = {"tried": False, "ext": None}
 
@@ -40,33 +36,13 @@ def _build_dir() -> str:
     return path
 
 
-def _link_flags(cuda_home, toolkits=None) -> list[str]:
-    """``-L`` for libcudart when torch's ``CUDA_HOME`` lacks it.
-
-    torch derives ``CUDA_HOME`` from ``which nvcc`` when the variable is unset; where that is a
-    wrapper script (``/usr/local/bin/nvcc``) it becomes ``/usr/local`` and the link fails with
-    "cannot find -lcudart". Then the first toolkit under ``/usr/local/cuda*`` that has it is used.
-    """
-    def has_cudart(lib):
-        return os.path.exists(os.path.join(lib, "libcudart.so"))
-
-    if cuda_home and any(has_cudart(os.path.join(cuda_home, d)) for d in ("lib64", "lib")):
-        return []
-    if toolkits is None:
-        toolkits = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for root in toolkits:
-        if has_cudart(os.path.join(root, "lib64")):
-            return [f"-L{os.path.join(root, 'lib64')}"]
-    return []
-
-
 def _jit_build():
     from torch.utils import cpp_extension
 
     if not os.path.exists(os.path.join(CSRC, "bindings.cpp")):
         raise FileNotFoundError(f"CUDA sources not found under {CSRC} (installed without csrc/?)")
     return cpp_extension.load(name="shardformer_C", sources=SOURCES, extra_cflags=CXX_FLAGS,
-                              extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=_link_flags(cpp_extension.CUDA_HOME),
+                              extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=link_flags(cpp_extension.CUDA_HOME),
                               build_directory=_build_dir(), verbose=False)
 
 
