@@ -35,7 +35,9 @@ what was allocated before the variant; model, gradients and optimizer state incl
 the best peer (peers: hf_compile and hf_liger; tokens/s against the fastest, memory against the
 leanest), first and last loss (every variant trains the same model on the same batch: they must
 agree to bf16 accuracy), graph breaks and recompilations of the compiled variants, and which
-shardformer CUDA ops ran per step.
+shardformer CUDA ops ran per step. One more, untimed step per variant runs under torch.profiler: on
+CUDA it records the GPU time of a step by kind of kernel (gemm, attention, shardformer, triton,
+optimizer, copy, other) and the heaviest kernels, so a missed target says where the time went.
 
 FLOPs per token (DESIGN.md): 6 N + 12 L H S; L layers, H hidden size, S sequence length, attention
 counted full (not causal). N counts the parameters whose matmuls run: all but the input embedding,
@@ -87,7 +89,7 @@ from bench.common import (COMPILED, EST_S, KERNEL_SHAPES, PEAK_TFLOPS_BF16, REPO
 from bench.flops import count_flops  # noqa: E402
 from bench.kernels import run_kernel  # noqa: E402
 from bench.report import (add_ratios, environment, fmt, print_kernel_table, print_model_table,  # noqa: E402
-                          results_path, save, targets)
+                          print_profile_table, results_path, save, targets)
 from bench.timing import free_memory, measure_copy, measure_matmul  # noqa: E402
 from bench.variants import run_variant  # noqa: E402
 
@@ -186,6 +188,7 @@ def main(argv=None) -> dict:
 
     log("")
     print_model_table(report["variants"])
+    print_profile_table(report["variants"])
     if report["kernels"]:
         log("")
         print_kernel_table(report)

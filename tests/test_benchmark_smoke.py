@@ -73,3 +73,50 @@ def test_sigterm_writes_partial_report(tmp_path):
     assert report["interrupted"]["stage"] == "variant hf_eager", report["interrupted"]
     assert report["variants"]["hf_eager"]["status"] == "interrupted"
     assert "PARTIAL" in stdout
+
+
+def test_profile_step_sorts_gpu_time_by_kind(monkeypatch, capsys):
+    """The CUDA branch of the profiled step (run here on fake events: no GPU in CI) and its table."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    from bench import profile as bench_profile
+    from bench.report import print_profile_table
+
+    def event(name, us, device=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [event("shardformer::rmsnorm_fwd", 0, DeviceType.CPU), event("shardformer::rmsnorm_fwd", 0, DeviceType.CPU),
+              event("aten::mm", 0, DeviceType.CPU),
+              event("void sf::(anonymous namespace)::rmsnorm_fwd_kernel<float>(...)", 300.0),
+              event("void sf::(anonymous namespace)::rmsnorm_fwd_kernel<float>(...)", 200.0),
+              event("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", 4000.0),
+              event("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", 1500.0),
+              event("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 700.0),
+              event("triton_per_fused_add_mul_0", 250.0), event("Memcpy DtoD (Device -> Device)", 50.0),
+              event("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>", 100.0)]
+    ran = []
+    fake = contextlib.contextmanager(lambda activities: iter([SimpleNamespace(events=lambda: events)]))
+    monkeypatch.setattr(bench_profile, "profile", fake)
+    out = bench_profile.profile_step(lambda: ran.append(1), "cuda")
+    assert ran == [1]
+    assert out["shardformer_ops_per_step"] == {"shardformer::rmsnorm_fwd": 2}
+    assert out["gpu_ms_by_kind"] == {"total": 7.1, "gemm": 4.0, "attention": 1.5, "optimizer": 0.7,
+                                     "shardformer": 0.5, "triton": 0.25, "other": 0.1, "copy": 0.05}
+    assert list(out["gpu_ms_by_kind"]) == ["total", "gemm", "attention", "optimizer", "shardformer", "triton",
+                                           "other", "copy"]
+    top = out["gpu_top_kernels"]
+    assert [k["kind"] for k in top[:3]] == ["gemm", "attention", "optimizer"]
+    assert top[3] == {"kind": "shardformer", "calls": 2, "ms": 0.5,
+                      "name": "void sf::(anonymous namespace)::rmsnorm_fwd_kernel<float>(...)"}
+    assert "gpu_ms_by_kind" not in bench_profile.profile_step(lambda: None, "cpu")
+
+    print_profile_table({"hf_compile": {"tokens_per_s": 1.0, "best_peer_tokens": "hf_compile", **out},
+                         "sf_fused": {"tokens_per_s": 2.0, "best_peer_tokens": "hf_compile", **out},
+                         "hf_eager": {"status": "failed"}})
+    printed = capsys.readouterr().out
+    assert "hf_eager" not in printed and printed.count("heaviest kernels") == 2
+    assert "sm90_xmma_gemm" in printed and "7.1" in printed

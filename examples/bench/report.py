@@ -103,13 +103,32 @@ def print_model_table(variants: dict) -> None:
             f"{fmt(v.get('peak_mem_vs_best_peer'), '.3f'):>8} {fmt(v.get('graph_breaks'), 'd'):>6} "
             f"{v['loss_first']:>8.4f} {v['loss_last']:>8.4f}")
     for name, v in variants.items():
-        if "shardformer_ops_per_step" in v:
+        if name.startswith("sf_") and "shardformer_ops_per_step" in v:
             log(f"  {name}: shardformer ops per step {v['shardformer_ops_per_step'] or '{} (none ran)'}; "
                 f"modules {v.get('fused_modules')}")
         if v.get("recompiled_while_timed"):
             log(f"  {name}: RECOMPILED during the timed steps (the timing includes compilation)")
         for r in v.get("graph_break_reasons", []):
             log(f"  {name}: graph break x{r['count']}: {r['reason'][:160]}")
+
+
+def print_profile_table(variants: dict) -> None:
+    """GPU ms per step by kind of kernel (one profiled step each), then the heaviest kernels of the
+    fastest shardformer variant and of the best peer."""
+    rows = {n: v for n, v in variants.items() if v.get("gpu_ms_by_kind")}
+    if not rows:
+        return
+    kinds = sorted({k for v in rows.values() for k in v["gpu_ms_by_kind"]} - {"total"}) + ["total"]
+    log(f"{'GPU ms per step':<23} " + " ".join(f"{k:>11}" for k in kinds))
+    for name, v in rows.items():
+        log(f"{name:<23} " + " ".join(f"{fmt(v['gpu_ms_by_kind'].get(k), '.1f'):>11}" for k in kinds))
+    sf_rows = [n for n in rows if n.startswith("sf_")]
+    shown = [max(sf_rows, key=lambda n: rows[n].get("tokens_per_s", 0))] if sf_rows else []
+    shown += [p for p in {rows[n].get("best_peer_tokens") for n in rows} if p in rows]
+    for name in shown:
+        log(f"  {name}: heaviest kernels")
+        for k in rows[name].get("gpu_top_kernels", [])[:10]:
+            log(f"    {k['ms']:>8.2f} ms {k['calls']:>5}x {k['kind']:<11} {k['name'][:110]}")
 
 
 def print_kernel_table(report: dict) -> None:

@@ -15,6 +15,7 @@ from shardformer import kernels as sf_kernels
 from shardformer.kernels import ops as sf_ops
 
 from .common import COMPILED, GIB, error_record, liger_import_error, log
+from .profile import profile_step
 from .timing import allocated, free_memory, peak_over, start_peak, synchronize, time_calls
 
 
@@ -108,18 +109,6 @@ def train_step(runner, opt, ids, autocast, compiled: bool) -> torch.Tensor:
     return loss.detach().clone()
 
 
-def shardformer_ops_per_step(step) -> dict:
-    """One extra (untimed) step under the profiler: how often each shardformer:: op ran."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    counts: dict = {}
-    for event in prof.events():
-        if event.name.startswith("shardformer::"):
-            counts[event.name] = counts.get(event.name, 0) + 1
-    return dict(sorted(counts.items()))
-
-
 def unique_graphs() -> int:
     return int(torch._dynamo.utils.counters.get("stats", {}).get("unique_graphs", 0))
 
@@ -173,8 +162,11 @@ def run_variant(name: str, args, config: LlamaConfig, ids: torch.Tensor, flops: 
         if compiled:
             info |= graph_break_stats()
             info["recompiled_while_timed"] = unique_graphs() != graphs
-        if name.startswith("sf_"):
-            info["shardformer_ops_per_step"] = shardformer_ops_per_step(step)
+        if name.startswith("sf_") or device == "cuda":
+            try:
+                info |= profile_step(step, device)
+            except Exception as exc:  # noqa: BLE001 - the timing stands without the profile
+                info["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
     except Exception as exc:  # noqa: BLE001 - record and go on to the next variant
         info |= error_record(exc) | {"peak_mem_gib": peak_over(device, base)}
         if compiled:
