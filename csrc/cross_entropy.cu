@@ -37,7 +37,7 @@ __global__ void ce_stats_kernel(const T* __restrict__ logits, int64_t ld, const 
     const int64_t t = target[row];
     m_out[row] = m;
     s_out[row] = s;
-    zt_out[row] = t >= 0 ? to_f(z[t]) : 0.f;
+    zt_out[row] = (t >= 0 && t < vocab_valid) ? to_f(z[t]) : 0.f;  // callers map other targets to -1
   }
 }
 

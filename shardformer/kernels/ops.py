@@ -207,7 +207,7 @@ def apply_rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
     ok = (not _leave_to_inductor() and _use_cuda(q, k, cos, sin) and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3
           and unsqueeze_dim in (1, 2) and q.shape[-1] % 2 == 0 and _rotary_dtypes_ok(q, k, cos, sin)
           and len({q.device, k.device, cos.device, sin.device}) == 1
-          and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1] and not (cos.requires_grad or sin.requires_grad))
+          and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1] == k.shape[-1] and not (cos.requires_grad or sin.requires_grad))
     if not ok:
         return reference.apply_rotary(q, k, cos, sin, unsqueeze_dim)
     if unsqueeze_dim == 2:  # [B, S, H, D] -> [B, H, S, D] views, no copy
