@@ -36,7 +36,8 @@ def profile_step(step, device: str) -> dict:
     if device == "cuda":
         by_kind: dict = {}
         for name, (_, us) in kernels.items():
-            by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + us / 1e3
+            kind = kernel_kind(name)
+            by_kind[kind] = by_kind.get(kind, 0.0) + us / 1e3
         by_kind["total"] = sum(by_kind.values())
         out["gpu_ms_by_kind"] = {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
         top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:TOP]

@@ -19,7 +19,7 @@ import torch
 
 from .build import CSRC, CXX_FLAGS, NVCC_FLAGS, SOURCES, link_flags
 
-__all__ = ["load", "available", "require", "SOURCES", "NVCC_FLAGS", "CXX_FLAGS"]
+__all__ = ["load", "available", "require"]  # sources and flags: build.py
 
 _state: dict = {"tried": False, "ext": None}
 

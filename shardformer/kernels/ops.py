@@ -130,6 +130,12 @@ class _RMSNorm(torch.autograd.Function):
         return dx, (dx if ctx.has_res else None), (dw if ctx.needs_input_grad[2] else None), None
 
 
+def _unit_stride(*tensors):
+    """The tensors, each copied only where its last dimension is strided (the rotary kernel takes
+    any other strides as they are)."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 class _Rotary(torch.autograd.Function):
     """q' = q*cos + rotate_half(q)*sin (same for k); backward applies the transposed rotation.
 
@@ -146,8 +152,7 @@ class _Rotary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq, dk = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk))
-        gq, gk = _rotary(dq, dk, cos, sin, True, ctx.in_dtype)
+        gq, gk = _rotary(*_unit_stride(dq, dk), cos, sin, True, ctx.in_dtype)
         return gq, gk, None, None
 
 
@@ -218,14 +223,7 @@ def apply_rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
             or cos.shape[0] not in (1, b)  # q broadcast against a larger cos batch: reference
             or max(b, q.shape[1], k.shape[1]) > _ROTARY_MAX_GRID_YZ):
         return reference.apply_rotary(q, k, cos, sin, unsqueeze_dim)
-    cos, sin = cos.expand(b, s, -1), sin.expand(b, s, -1)
-    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
-        cos, sin = cos.contiguous(), sin.contiguous()
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    return _Rotary.apply(q, k, cos, sin)
+    return _Rotary.apply(*_unit_stride(q, k, cos.expand(b, s, -1), sin.expand(b, s, -1)))
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
