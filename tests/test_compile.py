@@ -7,13 +7,10 @@ well (about 30 s on 2 cores): it lowers the functional collectives and generates
 import copy
 
 import pytest
-import torch
 
 import shardformer as sf
-from shardformer.checkpoint import gather_full
-from shardformer.layers.shard import sharded_parameters
 
-from .models import batch, build, rel_err
+from .models import batch, build, grad_errors, rel_err
 
 
 def check_compiled(tp, backend="aot_eager"):
@@ -36,10 +33,8 @@ def check_compiled(tp, backend="aot_eager"):
     assert breaks == 0, dict(counters["graph_break"])
     assert graphs == 1, graphs
     assert rel_err(loss.detach(), ref_loss.detach()) <= 1e-5
-    ref_grads = dict(ref.named_parameters())
-    group = model.sf_mesh.get_group("tp")
-    for name, p, spec in sharded_parameters(model):
-        assert rel_err(gather_full(p.grad, spec, group), ref_grads[name].grad) <= 1e-5, name
+    for name, err in grad_errors(model, ref).items():
+        assert err <= 1e-5, name
     return breaks
 
 

@@ -10,11 +10,10 @@ import torch
 import torch.distributed as dist
 
 import shardformer as sf
-from shardformer.checkpoint import gather_full
 from shardformer.kernels import FusedRMSNorm, FusedSwiGLUMLP
 from shardformer.layers.shard import sharded_parameters
 
-from .models import batch, build, rel_err
+from .models import batch, build, grad_errors, rel_err
 
 TOL = 1e-5
 # AdamW's first step is about lr * sign(g): with the default eps=1e-8 a gradient entry near 1e-8
@@ -49,7 +48,6 @@ def check_equivalence(family, tp, tied=False, steps=1, gradient_checkpointing=Fa
     model.train(), ref.train()
     mesh = model.sf_mesh
     dp, dp_rank = mesh["dp"].size(), mesh.get_local_rank("dp")
-    tp_group = mesh.get_group("tp")
     mine = slice(rows_per_rank * dp_rank, rows_per_rank * (dp_rank + 1))
     ref_opt = torch.optim.AdamW(ref.parameters(), **ADAMW)
     opt = torch.optim.AdamW(model.parameters(), **ADAMW)
@@ -68,9 +66,7 @@ def check_equivalence(family, tp, tied=False, steps=1, gradient_checkpointing=Fa
             loss = model.forward_backward(input_ids=ids[mine], labels=labels[mine]) if family != "llama-seqcls" \
                 else model.forward_backward(input_ids=ids[mine], labels=ids[mine, 0] % 2)
         errs[f"step{step}/loss"] = rel_err(loss, ref_loss.detach())
-        ref_grads = dict(ref.named_parameters())
-        for name, p, spec in sharded_parameters(model):
-            errs[f"step{step}/grad/{name}"] = rel_err(gather_full(p.grad, spec, tp_group), ref_grads[name].grad)
+        errs |= {f"step{step}/grad/{name}": err for name, err in grad_errors(model, ref).items()}
         for o in (ref_opt, opt):
             o.step()
             o.zero_grad()
@@ -207,9 +203,8 @@ def check_loss_kwargs(tp, fused):
         assert rel_err(got.loss, want.loss) <= TOL, (extra.keys(), got.loss, want.loss)
         got.loss.backward()
         want.loss.backward()
-    ref_grads = dict(ref.named_parameters())
-    for name, p, spec in sharded_parameters(model):
-        assert rel_err(gather_full(p.grad, spec, model.sf_mesh.get_group("tp")), ref_grads[name].grad) <= TOL, name
+    for name, err in grad_errors(model, ref).items():
+        assert err <= TOL, name
     return True
 
 
@@ -246,9 +241,7 @@ def check_clip_and_accumulation(tp):
         ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm, norm_type=norm_type)
         norm = model.clip_grad_norm_(max_norm, norm_type=norm_type)
         assert rel_err(norm, ref_norm) <= TOL, (norm_type, norm, ref_norm)
-    ref_grads = dict(ref.named_parameters())
-    for name, p, spec in sharded_parameters(model):
-        err = rel_err(gather_full(p.grad, spec, mesh.get_group("tp")), ref_grads[name].grad)
+    for name, err in grad_errors(model, ref).items():
         assert err <= TOL, (name, err)
     return float(norm)
 
@@ -272,10 +265,8 @@ def check_bf16(tp, fused):
     loss.backward()
     ref_loss.backward()
     assert rel_err(loss.detach().float(), ref_loss.detach().float()) <= 1e-3
-    ref_grads = dict(ref.named_parameters())
-    for name, p, spec in sharded_parameters(model):
-        assert p.dtype == torch.bfloat16
-        err = rel_err(gather_full(p.grad, spec, model.sf_mesh.get_group("tp")).float(), ref_grads[name].grad.float())
+    assert {p.dtype for _, p, _ in sharded_parameters(model)} == {torch.bfloat16}
+    for name, err in grad_errors(model, ref).items():
         assert err <= 3e-2, (name, err)
     return True
 

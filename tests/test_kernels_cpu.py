@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama as ml
 
 from shardformer.kernels import (FusedRMSNorm, FusedSwiGLUMLP, cross_entropy, disable_fused_rotary,
-                                 enable_fused_rotary, ops, reference)
+                                 enable_fused_rotary, ops)
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 SHAPES = [(5, 123), (2, 3, 64), (1, 7, 257)]
@@ -253,35 +253,37 @@ def test_linear_ce_property(n, v, chunk, ign, mean):
     _close(_grads(got, [hidden, weight]), _grads(want, [hidden, weight]))
 
 
-def _vocab_parallel_worker(rank, world, init_file, reduction):
+def _vocab_parallel_case(vocab_true):
+    """On a pool rank (gloo WORLD of 2): (hidden, full weight, target, this rank's weight shard,
+    its first vocabulary row) of a 26-row head (padded to divide by 2) with `vocab_true` real rows."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        v, vocab_true = 26, 23  # 26 rows (padded to divide by world=2), 23 real
-        hidden, weight, target = _ce_case(13, 7, v, n_ignored=3)
-        target = target.clamp(max=vocab_true - 1)
-        shard = v // world
-        w_local = weight.detach()[rank * shard:(rank + 1) * shard].clone().requires_grad_()
-        got = ops.linear_cross_entropy(hidden, w_local, target, reduction=reduction, chunk_size=4,
-                                       process_group=dist.group.WORLD, vocab_start=rank * shard,
-                                       vocab_size=vocab_true)
-        want = _ce_oracle(hidden, weight, target, reduction, vocab=vocab_true)
-        _close(got, want)
-        gh, gw = _grads(got, [hidden, w_local])
-        wh, ww = _grads(want, [hidden, weight])
-        _close(gh, wh)
-        _close(gw, ww[rank * shard:(rank + 1) * shard])
-    finally:
-        dist.destroy_process_group()
+    rank, world, v = dist.get_rank(), dist.get_world_size(), 26
+    hidden, weight, target = _ce_case(13, 7, v, n_ignored=3)
+    target = target.clamp(max=vocab_true - 1)
+    shard = v // world
+    w_local = weight.detach()[rank * shard:(rank + 1) * shard].clone().requires_grad_()
+    return hidden, weight, target, w_local, rank * shard
+
+
+def _vocab_parallel_check(reduction):
+    import torch.distributed as dist
+
+    vocab_true = 23
+    hidden, weight, target, w_local, start = _vocab_parallel_case(vocab_true)
+    got = ops.linear_cross_entropy(hidden, w_local, target, reduction=reduction, chunk_size=4,
+                                   process_group=dist.group.WORLD, vocab_start=start, vocab_size=vocab_true)
+    want = _ce_oracle(hidden, weight, target, reduction, vocab=vocab_true)
+    _close(got, want)
+    gh, gw = _grads(got, [hidden, w_local])
+    wh, ww = _grads(want, [hidden, weight])
+    _close(gh, wh)
+    _close(gw, ww[start:start + w_local.shape[0]])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_linear_ce_vocab_parallel_gloo(reduction, tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_vocab_parallel_worker, args=(2, str(tmp_path / "init"), reduction), nprocs=2,
-                       start_method="spawn")
+def test_linear_ce_vocab_parallel_gloo(reduction, pools):
+    pools(2).run(_vocab_parallel_check, reduction)
 
 
 # --------------------------------------------------------------------------- CUDA wrappers, mocked
@@ -415,8 +417,8 @@ def test_wrappers_rotary_mixed_dtypes_via_fake_ext(fake_cuda, low):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_wrappers_linear_ce_via_fake_ext(fake_cuda, reduction):
-    test_linear_ce_matches_full_logits(reduction, 5, pytest.MonkeyPatch())
+def test_wrappers_linear_ce_via_fake_ext(fake_cuda, reduction, monkeypatch):
+    test_linear_ce_matches_full_logits(reduction, 5, monkeypatch)
 
 
 def _count_calls(mp, names):
@@ -477,15 +479,11 @@ def _vocab_parallel_compile_check(reduction, vocab_true):
     import torch.distributed as dist
     from shardformer.kernels import cuda
 
-    rank, world, v = dist.get_rank(), dist.get_world_size(), 26
-    hidden, weight, target = _ce_case(13, 7, v, n_ignored=3)
-    target = target.clamp(max=vocab_true - 1)
-    shard = v // world
-    w_local = weight.detach()[rank * shard:(rank + 1) * shard].clone().requires_grad_()
+    hidden, weight, target, w_local, start = _vocab_parallel_case(vocab_true)
 
     def f(h, w):
         return ops.linear_cross_entropy(h, w, target, reduction=reduction, chunk_size=4,
-                                        process_group=dist.group.WORLD, vocab_start=rank * shard,
+                                        process_group=dist.group.WORLD, vocab_start=start,
                                         vocab_size=vocab_true)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -498,7 +496,7 @@ def _vocab_parallel_compile_check(reduction, vocab_true):
     assert sorted(set(calls)) == ["addmm_fp32_", "ce_chunk_grad_", "ce_chunk_stats"], calls
     _close(got, _ce_oracle(hidden, weight, target, reduction, vocab=vocab_true))
     want_gw = _grads(_ce_oracle(hidden, weight, target, reduction, vocab=vocab_true), [weight])[0]
-    _close(_grads(f(hidden, w_local), [w_local])[0], want_gw[rank * shard:(rank + 1) * shard])
+    _close(_grads(f(hidden, w_local), [w_local])[0], want_gw[start:start + w_local.shape[0]])
     return len(calls)
 
 
@@ -507,6 +505,14 @@ def test_linear_ce_vocab_parallel_compile_fullgraph_via_fake_ext(pools, vocab_tr
     """tp=2 vocab-parallel fused loss on the mocked CUDA path: one graph, same as eager (2 gloo ranks)."""
     counts = pools(2).run(_vocab_parallel_compile_check, "mean", vocab_true)
     assert counts[0] == counts[1] > 0
+
+
+def _elementwise_chain(x, w, cos, sin):
+    """rms_norm -> swiglu -> rotary on x [3, 5, 16]: (the swiglu output, a scalar of both rotary outputs)."""
+    y = ops.swiglu(ops.rms_norm(x, w, 1e-6), x)
+    q = y.view(3, 5, 2, 8).transpose(1, 2)
+    qo, ko = ops.apply_rotary(q, q[:, :1] * 3, cos, sin)  # distinct tensors (dynamo needs that)
+    return y, qo.sum() + 2 * ko.sum()
 
 
 @pytest.mark.parametrize("policy", ["custom", "inductor"])
@@ -522,10 +528,7 @@ def test_wrappers_compile_fullgraph_via_fake_ext(fake_cuda, monkeypatch, policy)
     cos, sin = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
 
     def f(x, w):
-        y = ops.swiglu(ops.rms_norm(x, w, 1e-6), x)
-        q = y.view(3, 5, 2, 8).transpose(1, 2)
-        qo, ko = ops.apply_rotary(q, q[:, :1] * 3, cos, sin)  # distinct tensors (dynamo needs that)
-        return qo.sum() + 2 * ko.sum()
+        return _elementwise_chain(x, w, cos, sin)[1]
 
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True, backend=_recording_backend(seen))(x, w)
@@ -603,7 +606,6 @@ def test_attention_backend_selection(monkeypatch):
     """SDPA stays unless flash-attn is installed and the weights are half precision on CUDA; an
     explicit "eager" is kept; a refusal by transformers warns and keeps SDPA."""
     from shardformer.kernels import attention
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1)
@@ -640,10 +642,8 @@ def test_wrappers_inductor_custom_ops_via_fake_ext(fake_cuda, monkeypatch):
     head, target = torch.randn(50, 16, requires_grad=True), torch.randint(0, 50, (15,))
 
     def f(x, w, head):
-        y = ops.swiglu(ops.rms_norm(x, w, 1e-6), x)
-        q = y.view(3, 5, 2, 8).transpose(1, 2)
-        qo, ko = ops.apply_rotary(q, q[:, :1] * 3, cos, sin)
-        return qo.sum() + 2 * ko.sum() + ops.linear_cross_entropy(y.reshape(15, 16), head, target, chunk_size=4)
+        y, rotary_sum = _elementwise_chain(x, w, cos, sin)
+        return rotary_sum + ops.linear_cross_entropy(y.reshape(15, 16), head, target, chunk_size=4)
 
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True, backend="inductor")(x, w, head)
