@@ -15,8 +15,8 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import shardformer as sf
-from shardformer.checkpoint import gather_full
-from shardformer.layers.shard import sharded_parameters
+from shardformer.sharding import gather_full
+from shardformer.sharding import sharded_parameters
 
 
 def rel(a, b):

@@ -1,9 +1,10 @@
 """Per-architecture sharding policies (installed as `shardformer.policies`)."""
-from .base import Policy, get_policy, register_policy, supported_model_types
+from .base import Policy, as_policy, get_policy, register_policy, supported_model_types
 from .llama import LlamaPolicy, MistralPolicy, Qwen2Policy
 
 __all__ = [
     "Policy",
+    "as_policy",
     "get_policy",
     "register_policy",
     "supported_model_types",

@@ -2,20 +2,40 @@
 
 A policy is data: which submodules are column / row / vocab parallel, where the embedding, the
 decoder-layer list and the LM head are, and which config attributes count attention heads.
-Authoring one for a new family means subclassing `Policy`, filling in the class attributes and
-decorating the class with `@register_policy`; no engine code needs reading.
+Policies are frozen dataclass instances, so they can be built at run time
+(`Policy(model_types=("x",), column_parallel=(...), ...)` or
+`dataclasses.replace(LlamaPolicy(), fused_mlp=None)`). A family is also written as a subclass
+that overrides field defaults with plain class attributes (it becomes a dataclass by itself):
+
+    @register_policy
+    class MyPolicy(Policy):
+        model_types = ("my_model",)
+        column_parallel = ("self_attn.q_proj", ...)
+
+No engine code needs reading.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+import dataclasses
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
-_REGISTRY: dict[str, type["Policy"]] = {}
+from torch import nn
+
+_REGISTRY: dict[str, "Policy"] = {}
+_MAPPINGS = ("tp_input_copies", "attention_local_attrs")
 
 
+def _frozen_mapping(value) -> MappingProxyType:
+    return MappingProxyType({k: tuple(v) if isinstance(v, list) else v for k, v in dict(value).items()})
+
+
+@dataclass(frozen=True)
 class Policy:
-    """Base class of every policy. Paths are dotted attribute paths.
+    """Base of every policy. Paths are dotted attribute paths.
 
     Attributes:
+        name: shown in errors; defaults to the class name.
         model_types: the `config.model_type` values served (the registry key).
         embedding: the token embedding, relative to `model.base_model` (vocab-parallel).
         layers: the decoder-layer `nn.ModuleList`, relative to `model.base_model`.
@@ -37,54 +57,110 @@ class Policy:
         fused_norms / final_norm: RMSNorms in each layer / in the base model that the fused
             RMSNorm kernel may replace (with `ShardConfig.enable_fused_kernels`).
         fused_mlp: the gate/up/down MLP in each layer that the fused SwiGLU may replace.
-        fused_rotary: route the family's `apply_rotary_pos_emb` to the fused rotary kernel
-            (only when the CUDA extension is loaded).
+        fused_rotary: route the family's `apply_rotary_pos_emb` to the fused rotary kernel in
+            the sharded model's attention (only when the CUDA extension is loaded).
         fused_lm_loss: in training with labels, compute the causal-LM loss with the fused
             linear + cross-entropy from the LM head's input (logits never materialised; the
             output's `logits` is then None). Only for heads whose logits go straight to the loss.
         optional: entries above allowed to match nothing in a given model.
     """
 
-    model_types: ClassVar[tuple[str, ...]] = ()
-    embedding: ClassVar[str] = "embed_tokens"
-    layers: ClassVar[str] = "layers"
-    lm_head: ClassVar[str] = "lm_head"
-    column_parallel: ClassVar[tuple[str, ...]] = ()
-    row_parallel: ClassVar[tuple[str, ...]] = ()
-    tp_input_copies: ClassVar[dict[str, tuple[str, ...]]] = {}
-    query_projections: ClassVar[tuple[str, ...]] = ()
-    kv_projections: ClassVar[tuple[str, ...]] = ()
-    attention: ClassVar[str] = "self_attn"
-    attention_local_attrs: ClassVar[dict[str, str]] = {}
-    num_heads_attr: ClassVar[str] = "num_attention_heads"
-    num_kv_heads_attr: ClassVar[str] = "num_key_value_heads"
-    loss: ClassVar[str] = "causal_lm"
-    fused_norms: ClassVar[tuple[str, ...]] = ()
-    final_norm: ClassVar[str | None] = None
-    fused_mlp: ClassVar[str | None] = None
-    fused_rotary: ClassVar[bool] = False
-    fused_lm_loss: ClassVar[bool] = False
-    optional: ClassVar[tuple[str, ...]] = ()
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    embedding: str = "embed_tokens"
+    layers: str = "layers"
+    lm_head: str = "lm_head"
+    column_parallel: tuple[str, ...] = ()
+    row_parallel: tuple[str, ...] = ()
+    tp_input_copies: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    query_projections: tuple[str, ...] = ()
+    kv_projections: tuple[str, ...] = ()
+    attention: str = "self_attn"
+    attention_local_attrs: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    num_heads_attr: str = "num_attention_heads"
+    num_kv_heads_attr: str = "num_key_value_heads"
+    loss: str = "causal_lm"
+    fused_norms: tuple[str, ...] = ()
+    final_norm: str | None = None
+    fused_mlp: str | None = None
+    fused_rotary: bool = False
+    fused_lm_loss: bool = False
+    optional: tuple[str, ...] = ()
 
-    @property
-    def name(self) -> str:
-        return type(self).__name__
+    def __init_subclass__(cls, **kwargs):
+        """A subclass's plain class attributes become its field defaults (it is made a frozen
+        dataclass itself), so `column_parallel = (...)` in a subclass body means what it says."""
+        super().__init_subclass__(**kwargs)
+        annotations = cls.__dict__.get("__annotations__", {})
+        for f in dataclasses.fields(Policy):
+            if f.name in cls.__dict__ and f.name not in annotations:
+                value = cls.__dict__[f.name]
+                if f.name in _MAPPINGS:
+                    value = field(default_factory=lambda v=_frozen_mapping(value): v)
+                setattr(cls, f.name, value)
+                annotations = {**annotations, f.name: f.type}
+        cls.__annotations__ = annotations
+        dataclass(frozen=True, repr=False)(cls)
+
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", type(self).__name__)
+        for attr in _MAPPINGS:
+            object.__setattr__(self, attr, _frozen_mapping(getattr(self, attr)))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
 
     def __repr__(self) -> str:
         return f"{self.name}(model_types={self.model_types})"
 
+    def entry_error(self, entry: str, value, what: str) -> ValueError:
+        """A ValueError naming this policy's `entry` and its `value`."""
+        return ValueError(f"policy {self.name}.{entry}={value!r} {what}")
 
-def register_policy(cls: type[Policy]) -> type[Policy]:
-    """Class decorator: serve every `cls.model_types` with `cls`."""
-    if not cls.model_types:
-        raise ValueError(f"{cls.__name__}.model_types is empty: name the config.model_type values it serves")
-    for model_type in cls.model_types:
-        _REGISTRY[model_type] = cls
-    return cls
+    def resolve(self, root: nn.Module, path: str, root_name: str, entry: str, kind=nn.Module) -> nn.Module:
+        """The submodule `path` of `root`, else a ValueError naming the policy entry and `root_name`."""
+        try:
+            module = root.get_submodule(path)
+        except AttributeError:
+            module = None
+        if module is None or not isinstance(module, kind):
+            found = "nothing" if module is None else type(module).__name__
+            raise self.entry_error(entry, path, f"matches {found} in {root_name}, expected {kind.__name__}")
+        return module
+
+    @staticmethod
+    def replace(model: nn.Module, path: str, new: nn.Module) -> None:
+        """Put `new` at the dotted `path` of `model`."""
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
+
+
+def register_policy(policy):
+    """Serve every `policy.model_types` with `policy` (a Policy subclass, usable as a class
+    decorator, or an instance built at run time); returns its argument."""
+    instance = policy() if isinstance(policy, type) else policy
+    if not isinstance(instance, Policy):
+        raise ValueError(f"register_policy expects a shardformer.policies.Policy, got {policy!r}")
+    if not instance.model_types:
+        raise ValueError(f"{instance.name}.model_types is empty: name the config.model_type values it serves")
+    for model_type in instance.model_types:
+        _REGISTRY[model_type] = instance
+    return policy
 
 
 def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def as_policy(policy) -> Policy:
+    """A Policy instance from an instance or a Policy subclass; ValueError otherwise."""
+    if isinstance(policy, type) and issubclass(policy, Policy):
+        policy = policy()
+    if not isinstance(policy, Policy):
+        raise ValueError(f"shard_model(policy=...) expects a shardformer.policies.Policy, got {policy!r}")
+    return policy
 
 
 def get_policy(model) -> Policy:
@@ -98,4 +174,4 @@ def get_policy(model) -> Policy:
             "row_parallel entries, decorate it with @shardformer.policies.register_policy, or pass it "
             "as shard_model(model, policy=YourPolicy())"
         )
-    return _REGISTRY[model_type]()
+    return _REGISTRY[model_type]

@@ -1,92 +1,121 @@
 """`shard_model`: turn an unmodified HF model into this rank's shard of a parallel model.
 
+    plan (no collective: plan.py) -> all ranks agree -> mesh and groups (collectives)
+    -> apply in one fixed order: fused kernels, tensor parallelism, gradient checkpointing,
+       the gradient reducer -> all ranks agree -> the sharded class
+
 The model object itself is sharded in place and returned: its class becomes a subclass of the
-original (same name) that adds `forward_backward`, `clip_grad_norm_` and `no_sync`; `forward`
-is still the HF call with the HF output, parameter names are unchanged, `generate` still works.
-The subclass's `forward` wraps the HF one (same signature) to run shardformer's output
-handling (logits gather, fused loss), so `model(...)` and `model.forward(...)` behave the same.
-Everything that can be wrong is checked before the first collective.
+original (same name) that adds `forward_backward` (the training step, for any layout),
+`clip_grad_norm_` and `no_sync`; `forward` is still the HF call with the HF output, parameter
+names are unchanged, `generate` still works. The subclass's `forward` wraps the HF one (same
+signature): it checks that the replica's ranks got the same batch (`batch_check.py`), then runs
+the tensor-parallel output handling (`tensor_parallel/output.py`), so `model(...)` and
+`model.forward(...)` behave the same.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.distributed as dist
 
 from . import policies as _policies
+from .batch_check import check_batch
+from .comm import agree_on_failure, all_or_none, all_reduce_no_grad
 from .config import ShardConfig
 from .data_parallel import GradReducer
+from .fusion import apply_fused_kernels
 from .grad_clip import clip_grad_norm_
-from .kernels.apply import apply_fused_kernels
-from .kernels.fused_loss import install_fused_lm_loss
-from .layers.comm import all_reduce_no_grad
-from .layers.linear import VocabParallelLMHead
-from .mesh import build_mesh, check_world, require_process_group
-from .rewriter import apply_tensor_parallel, plan_tensor_parallel
+from .mesh import build_groups, build_mesh, require_process_group
+from .plan import LayoutPlan, plan_layout
+from .tensor_parallel import accepts_return_dict, apply_tensor_parallel, run_forward
 
 
 class ShardedModelMixin:
-    """Methods added to a sharded model. State lives in `sf_mesh`, `sf_config`, `sf_policy`."""
+    """Methods added to a sharded model. State lives in `sf_mesh`, `sf_groups`, `sf_config`,
+    `sf_policy`, `sf_grad_reducer`."""
 
     def forward_backward(self, **batch) -> torch.Tensor:
         """Forward and backward on this rank's batch; returns the loss averaged over dp (detached),
-        the same value on every rank. Gradients are reduced across replicas when it returns."""
-        out = self(**batch)
-        loss = out.loss if hasattr(out, "loss") else out[0]
-        if loss is None:
-            raise ValueError("forward_backward needs a batch that makes the model return a loss (pass labels)")
+        the same value on every rank. Gradients are reduced across replicas when it returns.
+
+        Every rank of one replica passes the same batch (checked unless
+        `ShardConfig.check_batch=False`); a bad batch on any rank raises on every rank."""
+        error = None
+        try:
+            self._check_training_batch(batch)
+        except ValueError as err:
+            error = err
+        if self.sf_config.check_batch:
+            flags = self._batch_range_flags(batch) if error is None else torch.zeros(2, dtype=torch.int64)
+            bad = check_batch(self.sf_groups, (), batch, dist.group.WORLD, error, flags, "forward_backward")
+            self._raise_range_error(bad)
+        elif error is not None:
+            raise error
+        self.sf_batch_checked = True
+        try:
+            out = self(**batch)
+        finally:
+            self.sf_batch_checked = False
+        loss = out[0] if isinstance(out, tuple) else out.loss
+        if loss is None or loss.dim() != 0:
+            raise ValueError(f"forward_backward: {type(self).__name__} returned no scalar loss for this batch")
         loss.backward()
         dp_group = self.sf_mesh.get_group("dp")
         return all_reduce_no_grad(loss.detach().clone(), dp_group, "sum") / dist.get_world_size(dp_group)
 
+    def _check_training_batch(self, batch) -> None:
+        name = type(self).__name__
+        if "labels" not in inspect.signature(self.forward).parameters:
+            raise ValueError(f"forward_backward needs a model that computes a loss: {name}.forward takes no "
+                             "labels (use a model with a head, e.g. *ForCausalLM, or call model(...) and "
+                             "backward yourself)")
+        if batch.get("labels") is None:
+            raise ValueError(f"forward_backward needs labels=...: without labels {name} returns no loss")
+
+    def _batch_range_flags(self, batch) -> torch.Tensor:
+        """int64 [2] on the batch's device: input ids / labels outside the vocabulary (1 = bad)."""
+        vocab = self.sf_vocab_size
+        ids, labels = batch.get("input_ids"), batch.get("labels")
+        device = next((t.device for t in (ids, labels) if torch.is_tensor(t)), torch.device("cpu"))
+        flags = torch.zeros(2, dtype=torch.int64, device=device)
+        if torch.is_tensor(ids):
+            flags[0] = ((ids < 0) | (ids >= vocab)).any()
+        if torch.is_tensor(labels) and self.sf_lm_head is not None:
+            ignore = batch.get("ignore_index", -100)
+            flags[1] = (((labels < 0) | (labels >= vocab)) & (labels != ignore)).any()
+        return flags
+
+    def _raise_range_error(self, bad) -> None:
+        what = [w for w, b in zip(("input_ids", "labels"), bad.tolist()) if b]
+        if what:
+            raise ValueError(f"forward_backward: {' and '.join(what)} outside [0, model.config.vocab_size="
+                             f"{self.sf_vocab_size}) on some rank (labels may also be the ignore index)")
+
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip all gradients by the global norm of the unsharded model's gradient; returns it."""
-        return clip_grad_norm_(self, max_norm, self.sf_mesh.get_group("tp"), norm_type)
+        return clip_grad_norm_(self, max_norm, self.sf_groups.replica, norm_type)
 
     def no_sync(self):
-        """Context manager: skip the cross-replica gradient reduction (gradient accumulation)."""
+        """Context manager: skip the data-parallel gradient reduction (gradient accumulation)."""
         return self.sf_grad_reducer.no_sync()
 
 
 def _sharded_class(cls: type) -> type:
-    """A subclass of `cls` with the same name whose forward runs `model.sf_pre_hooks` /
-    `sf_post_hooks` (same calling convention as nn.Module forward hooks with kwargs) around it."""
-    base_forward = cls.forward
+    """A subclass of `cls` with the same name whose forward is HF's, checked and made whole."""
+    hf_forward = cls.forward
+    takes_return_dict = accepts_return_dict(hf_forward)
 
-    @functools.wraps(base_forward)
+    @functools.wraps(hf_forward)
     def forward(self, *args, **kwargs):
-        for hook in self.sf_pre_hooks:
-            changed = hook(self, args, kwargs)
-            if changed is not None:
-                args, kwargs = changed
-        output = base_forward(self, *args, **kwargs)
-        for hook in self.sf_post_hooks:
-            changed = hook(self, args, kwargs, output)
-            if changed is not None:
-                output = changed
-        return output
+        if self.sf_config.check_batch and not self.sf_batch_checked:
+            check_batch(self.sf_groups, args, kwargs)
+        return run_forward(self, hf_forward, args, kwargs, takes_return_dict)
 
     sharded = type(cls.__name__, (ShardedModelMixin, cls), {"__module__": cls.__module__, "forward": forward})
     sharded.__qualname__ = cls.__qualname__
     return sharded
-
-
-def _gather_logits_without_labels(head: VocabParallelLMHead):
-    """Post hook: an output without labels (inference, generate) gets full-vocabulary logits;
-    with labels, logits stay vocab-split (this rank's slice), so training never gathers them."""
-
-    def hook(module, args, kwargs, output):
-        if kwargs.get("labels") is not None or getattr(head, "sf_pending", None) is not None:
-            return output  # labels given (or taken by the fused loss): logits stay split
-        if isinstance(output, tuple):  # return_dict=False without labels: logits come first
-            return (head.gather_logits(output[0]),) + output[1:] if output and output[0] is not None else output
-        if getattr(output, "logits", None) is None:
-            return output
-        output.logits = head.gather_logits(output.logits)
-        return output
-
-    return hook
 
 
 def _enable_checkpointing(model) -> None:
@@ -98,6 +127,24 @@ def _enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _apply(model, plan: LayoutPlan, groups) -> None:
+    """Apply every planned parallelism in the fixed order (local: no collective)."""
+    config, policy = plan.config, plan.policy
+    if config.enable_fused_kernels:
+        apply_fused_kernels(model, policy, plan.kernels, list(plan.tp.attention_attrs))
+    apply_tensor_parallel(model, plan.tp, policy, groups.tp, groups.mesh.get_local_rank("tp"))
+    if config.gradient_checkpointing:
+        _enable_checkpointing(model)
+    model.sf_mesh, model.sf_groups, model.sf_config, model.sf_policy = groups.mesh, groups, config, policy
+    head = model.get_submodule(plan.tp.head_path) if plan.tp.head_path is not None else None
+    object.__setattr__(model, "sf_lm_head", head)  # a reference, not a second registered submodule
+    model.sf_fused_lm_loss = config.enable_fused_kernels and policy.fused_lm_loss
+    model.sf_vocab_size = plan.tp.vocab_spec.full
+    model.sf_batch_checked = False
+    model.sf_grad_reducer = GradReducer(model, groups)
+    model.__class__ = _sharded_class(type(model))
+
+
 def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None = None) -> torch.nn.Module:
     """Shard `model` in place for this rank and return it.
 
@@ -107,42 +154,27 @@ def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None 
             policy for `model.config.model_type`.
         config: the parallel layout; default `ShardConfig()` (no model parallelism, all ranks dp).
 
-    Raises ValueError, before any collective, when the layout cannot be built.
+    Raises ValueError at setup when the layout cannot be built. Every rank must call it; a
+    failure on any rank raises on every rank (the only collective before the error is the
+    agreement on it).
     """
-    config = ShardConfig() if config is None else config
-    if not isinstance(config, ShardConfig):
-        raise ValueError(f"shard_model(config=...) expects a shardformer.ShardConfig, got {type(config).__name__}")
-    if getattr(model, "sf_mesh", None) is not None or isinstance(model, ShardedModelMixin):
-        raise ValueError("this model is already sharded: shard_model may be applied once per model")
-    if policy is None:
-        policy = _policies.get_policy(model)
-    elif isinstance(policy, type):
-        policy = policy()
-    if not isinstance(policy, _policies.Policy):
-        raise ValueError(f"shard_model(policy=...) expects a shardformer.policies.Policy, got {policy!r}")
     world = require_process_group()
-    check_world(config, world)
-    plan = plan_tensor_parallel(model, policy, config.tp_size)
-    if config.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(
-            f"ShardConfig.gradient_checkpointing=True but {type(model).__name__}.supports_gradient_checkpointing is False"
-        )
-    if config.enable_fused_kernels:
-        apply_fused_kernels(model, policy, plan.layers_path, plan.base_path)
+    error, plan = None, None
+    try:
+        config = ShardConfig() if config is None else config
+        if not isinstance(config, ShardConfig):
+            raise ValueError(f"shard_model(config=...) expects a shardformer.ShardConfig, got {type(config).__name__}")
+        if getattr(model, "sf_mesh", None) is not None or isinstance(model, ShardedModelMixin):
+            raise ValueError("this model is already sharded: shard_model may be applied once per model")
+        policy = _policies.get_policy(model) if policy is None else _policies.as_policy(policy)
+        plan = plan_layout(model, policy, config, world)
+    except Exception as err:  # noqa: BLE001 - raised on every rank by the agreement below
+        error = err
+    agree_on_failure(error, None, "shard_model")
 
-    # From here on collectives may run: every check above passed on every rank.
+    # Every check passed on every rank: from here on collectives run, in the same order everywhere.
     mesh = build_mesh(config)
-    tp_group = mesh.get_group("tp")
-    apply_tensor_parallel(model, plan, policy, tp_group, mesh.get_local_rank("tp"))
-    if config.gradient_checkpointing:
-        _enable_checkpointing(model)
-    model.sf_mesh, model.sf_config, model.sf_policy = mesh, config, policy
-    model.sf_grad_reducer = GradReducer(model, mesh)
-    model.sf_pre_hooks, model.sf_post_hooks = [], []
-    if plan.head_path is not None:
-        head = model.get_submodule(plan.head_path)
-        model.sf_post_hooks.append(_gather_logits_without_labels(head))
-        if config.enable_fused_kernels and policy.fused_lm_loss:
-            install_fused_lm_loss(model, head)
-    model.__class__ = _sharded_class(type(model))
+    groups = build_groups(mesh, plan.tp.block_sizes)
+    with all_or_none(None, "shard_model"):
+        _apply(model, plan, groups)
     return model

@@ -30,6 +30,10 @@ class ShardConfig:
         enable_fused_kernels: let the policy substitute fused-kernel modules (RMSNorm, SwiGLU,
             rotary): CUDA kernels on GPUs, an exact PyTorch reference elsewhere.
         gradient_checkpointing: recompute each decoder layer in backward (HF's own mechanism).
+        check_batch: before each call, check (one small all-gather) that the ranks of one model
+            replica received the same batch; `forward_backward` also checks every rank's batch
+            for missing labels and out-of-range ids so that a bad batch raises on every rank.
+            Turn off once the data pipeline is trusted.
     """
 
     tp_size: int = 1
@@ -41,25 +45,29 @@ class ShardConfig:
     zero_stage: int = 0
     enable_fused_kernels: bool = True
     gradient_checkpointing: bool = False
+    check_batch: bool = True
 
     def __post_init__(self):
+        """Check every field by type first (bool is not an int here, 0.0 is not 0), then by value;
+        only then refuse the fields of features not built yet."""
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
         for name in ("tp_size", "pp_size", "sp_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"ShardConfig.{name} must be a positive int, got {value!r}")
-        if self.sp_mode is not None and self.sp_mode not in SP_MODES:
+        if self.sp_mode is not None and (not isinstance(self.sp_mode, str) or self.sp_mode not in SP_MODES):
             raise ValueError(f"ShardConfig.sp_mode must be None or one of {SP_MODES}, got {self.sp_mode!r}")
-        if self.pp_schedule not in PP_SCHEDULES:
+        if not isinstance(self.pp_schedule, str) or self.pp_schedule not in PP_SCHEDULES:
             raise ValueError(f"ShardConfig.pp_schedule must be one of {PP_SCHEDULES}, got {self.pp_schedule!r}")
-        if self.num_microbatches is not None and (
-            not isinstance(self.num_microbatches, int) or self.num_microbatches < 1
-        ):
+        if self.num_microbatches is not None and (not is_int(self.num_microbatches) or self.num_microbatches < 1):
             raise ValueError(
                 f"ShardConfig.num_microbatches must be None or a positive int, got {self.num_microbatches!r}"
             )
-        if self.zero_stage not in ZERO_STAGES:
-            raise ValueError(f"ShardConfig.zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage!r}")
-        for name in ("enable_fused_kernels", "gradient_checkpointing"):
+        if not is_int(self.zero_stage) or self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"ShardConfig.zero_stage must be an int in {ZERO_STAGES}, got {self.zero_stage!r}")
+        for name in ("enable_fused_kernels", "gradient_checkpointing", "check_batch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ShardConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.sp_size > 1 and self.sp_mode is None:

@@ -1,43 +1,57 @@
 """Global gradient-norm clipping across every model-parallel group.
 
-The norm is that of the unsharded model's gradient: each rank adds the squares of the gradient
-entries it holds, weighting a replicated parameter by 1 / (number of tp ranks holding it) so that
-it counts once; the sums are all-reduced over the tp group. Gradients are identical across dp
-after the gradient reducer ran, so dp needs no reduction. Same clip rule as
+The norm is that of the unsharded model's gradient: each rank adds the norm terms of the
+gradient entries it holds, weighting each entry by 1 / (number of ranks of its replica holding
+it, `ShardSpec`'s copies) so that it counts once; the sums are all-reduced over the replica's
+model-parallel group (`ParallelGroups.replica`). Gradients are identical across dp after the
+gradient reducer ran, so dp needs no reduction. Same clip rule as
 `torch.nn.utils.clip_grad_norm_`: grads *= min(1, max_norm / (total_norm + 1e-6)).
+
+The same all-reduce carries a failure flag: a rank that cannot compute its part still joins it,
+and then every rank raises (see `comm.raise_if_failed`) instead of the others waiting forever.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 
-from .layers.comm import all_reduce_no_grad
-from .layers.shard import sharded_parameters
+from .comm import comm_device, raise_if_failed
+from .sharding import sharded_parameters
 
 
-def clip_grad_norm_(model: torch.nn.Module, max_norm: float, tp_group, norm_type: float = 2.0) -> torch.Tensor:
-    """Clip gradients in place by their global norm; return that norm (before clipping)."""
-    tp = torch.distributed.get_world_size(tp_group)
-    norm_type = float(norm_type)
-    device = next(model.parameters()).device
+def _local_norm_term(model, norm_type: float, device) -> tuple[list[torch.Tensor], torch.Tensor]:
     grads, partial = [], torch.zeros((), device=device)
     for _, param, spec in sharded_parameters(model):
         if param.grad is None:
             continue
         grads.append(param.grad)
-        copies = tp if spec is None else spec.replicas
         g = param.grad.detach().float()
         if math.isinf(norm_type):
-            term = g.abs().max()
-            partial = torch.maximum(partial, term)
+            partial = torch.maximum(partial, g.abs().max().to(device))
         else:
-            term = g.abs().pow(norm_type).sum() / copies
-            partial = partial + term
-    if math.isinf(norm_type):
-        total = all_reduce_no_grad(partial, tp_group, "max")
-    else:
-        total = all_reduce_no_grad(partial, tp_group, "sum").pow(1.0 / norm_type)
+            partial = partial + (g.abs().pow(norm_type).sum() / spec.replicas).to(device)
+    return grads, partial
+
+
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float, group, norm_type: float = 2.0) -> torch.Tensor:
+    """Clip gradients in place by their global norm; return that norm (before clipping).
+    `group`: the model-parallel group of one replica. Every rank of it must call this."""
+    norm_type = float(norm_type)
+    device = comm_device(group)
+    error, grads, partial = None, [], torch.zeros((), device=device)
+    try:
+        if not max_norm > 0:
+            raise ValueError(f"clip_grad_norm_(max_norm={max_norm!r}) must be a positive number")
+        grads, partial = _local_norm_term(model, norm_type, device)
+    except Exception as err:  # noqa: BLE001 - every rank raises below, after the shared all-reduce
+        error, partial = err, torch.zeros((), device=device)
+    infinite = math.isinf(norm_type)
+    both = torch.stack([partial.float(), torch.tensor(float(error is not None), device=device)])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM, group=group)
+    raise_if_failed(bool(both[1].item()), error, group, "clip_grad_norm_")
+    total = both[0] if infinite else both[0].pow(1.0 / norm_type)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
         g.detach().mul_(coef.to(g.device, g.dtype))

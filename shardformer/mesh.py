@@ -1,14 +1,18 @@
-"""The process mesh: a `DeviceMesh` over the `torch.distributed` world with axes (dp, pp, sp, tp).
+"""The process mesh: a `DeviceMesh` over the `torch.distributed` world with axes (dp, pp, sp, tp),
+and the groups derived from it.
 
 tp is the innermost (fastest-varying) axis so that tensor-parallel peers are neighbouring ranks,
-i.e. on the same machine under torchrun. No global state: the mesh is returned and travels with
-the sharded model (`model.sf_mesh`).
+i.e. on the same machine under torchrun. No global state: the mesh and its groups are returned
+and travel with the sharded model (`model.sf_mesh`, `model.sf_groups`). Only `MESH_AXES` knows
+the axis order; everything else indexes axes by name.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from dataclasses import dataclass, field
 
 from .config import ShardConfig
 
@@ -57,6 +61,65 @@ def build_mesh(config: ShardConfig) -> DeviceMesh:
     return init_device_mesh(device_type(), shape, mesh_dim_names=MESH_AXES)
 
 
-def axis_group(mesh: DeviceMesh, axis: str):
-    """The process group of this rank along one mesh axis."""
-    return mesh.get_group(axis)
+def _rows(mesh: DeviceMesh, axes: tuple[str, ...]) -> list[list[int]]:
+    """The global ranks of the mesh as rows: ranks in one row differ only along `axes`."""
+    names = list(mesh.mesh_dim_names)
+    order = [i for i, n in enumerate(names) if n not in axes] + [names.index(a) for a in axes]
+    width = 1
+    for a in axes:
+        width *= mesh.size(names.index(a))
+    return mesh.mesh.permute(order).reshape(-1, width).tolist()
+
+
+def new_subgroups(rows: list[list[int]]):
+    """This rank's group among `rows` (a collective: every rank calls it with the same rows)."""
+    group, _ = dist.new_subgroups_by_enumeration(rows)
+    return group
+
+
+@dataclass
+class ParallelGroups:
+    """The groups one sharded model uses, all created when it is sharded (collectives).
+
+    replica: the model-parallel peers of this rank (axes pp, sp, tp): the ranks holding one
+        model replica, which must all receive the same batch; `replica_ranks` lists them and
+        `replica_rows` lists the ranks of every replica.
+    blocks: {n: this rank's group of n consecutive tp ranks} for the replica sizes of
+        parameters replicated inside the tp group (`ShardSpec.replicas`).
+    """
+
+    mesh: DeviceMesh
+    replica: object
+    replica_ranks: list[int]
+    replica_rows: list[list[int]]
+    blocks: dict[int, object] = field(default_factory=dict)
+
+    @property
+    def tp(self):
+        return self.mesh.get_group("tp")
+
+    @property
+    def dp(self):
+        return self.mesh.get_group("dp")
+
+    def size(self, axis: str) -> int:
+        return self.mesh.size(list(self.mesh.mesh_dim_names).index(axis))
+
+    def block(self, replicas: int):
+        """The group of `replicas` consecutive tp ranks holding the same piece as this rank."""
+        return self.tp if replicas == self.size("tp") else self.blocks[replicas]
+
+
+def build_groups(mesh: DeviceMesh, block_sizes=()) -> ParallelGroups:
+    """The derived groups of `mesh` (see `ParallelGroups`); `block_sizes`: replica counts of
+    parameters replicated inside tp. Every rank must call it with the same arguments."""
+    replica_rows = _rows(mesh, ("pp", "sp", "tp"))
+    me = dist.get_rank()
+    mine = next(row for row in replica_rows if me in row)
+    groups = ParallelGroups(mesh, new_subgroups(replica_rows), mine, replica_rows)
+    tp = groups.size("tp")
+    for n in sorted(set(block_sizes)):
+        if 1 < n < tp:
+            tp_rows = _rows(mesh, ("tp",))
+            groups.blocks[n] = new_subgroups([row[i:i + n] for row in tp_rows for i in range(0, tp, n)])
+    return groups

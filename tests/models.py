@@ -47,8 +47,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def grad_errors(model, ref) -> dict[str, float]:
     """rel_err of each sharded parameter's gathered gradient against the unsharded `ref`'s (in fp32)."""
-    from shardformer.checkpoint import gather_full
-    from shardformer.layers.shard import sharded_parameters
+    from shardformer.sharding import gather_full
+    from shardformer.sharding import sharded_parameters
 
     group, ref_params = model.sf_mesh.get_group("tp"), dict(ref.named_parameters())
     return {name: rel_err(gather_full(p.grad, spec, group).float(), ref_params[name].grad.float())

@@ -50,7 +50,7 @@ def check_bucketed_overlap():
     ref = build("llama")
     model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(tp_size=1))
     model.sf_grad_reducer.remove()  # replace the default reducer by one with 16 KiB buckets
-    model.sf_grad_reducer = reducer = GradReducer(model, model.sf_mesh, bucket_mb=1 / 64)
+    model.sf_grad_reducer = reducer = GradReducer(model, model.sf_groups, bucket_mb=1 / 64)
     ids, labels = batch(8)
     rank = dist.get_rank()
     model.forward_backward(input_ids=ids[2 * rank:2 * rank + 2], labels=labels[2 * rank:2 * rank + 2])

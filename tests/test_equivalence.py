@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import shardformer as sf
 from shardformer.kernels import FusedRMSNorm, FusedSwiGLUMLP
-from shardformer.layers.shard import sharded_parameters
+from shardformer.sharding import sharded_parameters
 
 from .models import batch, build, grad_errors, rel_err
 
@@ -164,7 +164,7 @@ def test_forward_paths(pools):
 def check_one_input_all_reduce_per_block(tp):
     """Backward all-reduces of the tp input gradient: one per attention block and one per MLP
     block (at the norm outputs), not one per q/k/v/gate/up linear; plus one for the LM head."""
-    from shardformer.layers import comm
+    from shardformer import comm
 
     model = sf.shard_model(build("llama"), config=sf.ShardConfig(tp_size=tp, enable_fused_kernels=False))
     calls, original = [], comm._CopyToGroup.apply

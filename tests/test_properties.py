@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from shardformer.layers.embedding import VocabParallelEmbedding
-from shardformer.layers.linear import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
-from shardformer.layers.loss import vocab_parallel_cross_entropy
-from shardformer.layers.shard import ShardSpec, merge_pieces, padded_size, split_tensor
+from shardformer.tensor_parallel.embedding import VocabParallelEmbedding
+from shardformer.tensor_parallel.linear import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
+from shardformer.tensor_parallel.loss import vocab_parallel_cross_entropy
+from shardformer.sharding import ShardSpec, merge_pieces, padded_size, split_tensor
 
 from .models import rel_err
 

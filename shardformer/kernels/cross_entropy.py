@@ -32,7 +32,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..layers.comm import all_reduce_no_grad
+from ..comm import all_reduce_no_grad
 from . import cuda
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyFunction", "default_chunk_size"]

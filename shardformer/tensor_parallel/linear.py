@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comm import copy_to_group, gather_from_group, reduce_from_group
-from .shard import ShardSpec, split_parameter
+from ..comm import copy_to_group, gather_from_group, reduce_from_group
+from ..sharding import ShardSpec, record_specs, split_parameter
 
 
 class ColumnParallelLinear(nn.Module):
@@ -33,7 +33,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.weight, self.bias, self.group = weight, bias, group
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.sf_shard_specs = {"weight": spec} | ({"bias": spec} if bias is not None else {})
+        record_specs(self, weight=spec, **({"bias": spec} if bias is not None else {}))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group, tp_rank: int):
@@ -57,7 +57,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.weight, self.bias, self.group = weight, bias, group
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.sf_shard_specs = {"weight": spec}
+        record_specs(self, weight=spec)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group, tp_rank: int):
@@ -95,12 +95,14 @@ class VocabParallelLMHead(ColumnParallelLinear):
             weight = split_parameter(linear.weight, spec, tp_rank)
         return cls(weight, split_parameter(linear.bias, spec, tp_rank), spec, group, tp_rank)
 
-    sf_capture = False  # set by the fused LM loss (kernels/fused_loss.py) for one call
+    # True only inside one fused-loss call of the sharded model (see tensor_parallel/forward.py):
+    # the head then returns its input, the hidden states, in place of the logits, and the loss is
+    # computed from them chunk by chunk by `fused_causal_lm_loss` (full logits never exist).
+    returns_hidden = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sf_capture:  # the fused loss computes logits chunk by chunk from x itself
-            self.sf_captured = x
-            return x.new_empty(*x.shape[:-1], 0)
+        if self.returns_hidden:
+            return x
         logits = super().forward(x)
         if self.vocab_valid < self.out_features:
             logits = logits[..., : self.vocab_valid]

@@ -8,13 +8,17 @@ Each tp rank holds logits [N, V_r] for the token range [vocab_start, vocab_start
 `causal_lm_loss` is installed as the model's `loss_function` and reproduces transformers'
 ForCausalLM loss: labels shifted left by one with `ignore_index` appended (or `shift_labels`
 used as given), mean over non-ignored targets, or sum / `num_items_in_batch` when given.
+`fused_causal_lm_loss` is the same loss computed from the LM head's input (hidden states) with
+the fused linear + cross-entropy: the logits are never materialised. `LOSSES` maps a policy's
+`loss` name to the function installed.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .comm import all_reduce_no_grad
+from ..comm import all_reduce_no_grad, group_size
+from ..kernels.ops import linear_cross_entropy
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -95,3 +99,23 @@ def causal_lm_loss(
     check_targets(targets, head.vocab_size, ignore_index)
     per_row = vocab_parallel_cross_entropy(logits, targets, head.vocab_start, head.group, ignore_index)
     return reduce_token_losses(per_row.sum(), targets, num_items_in_batch, ignore_index)
+
+
+def fused_causal_lm_loss(hidden, head, labels, shift_labels=None, num_items_in_batch=None, ignore_index: int = -100):
+    """transformers' causal-LM loss of `head` (a `VocabParallelLMHead`) applied to `hidden`
+    ([..., H], the head's input), with the fused linear + cross-entropy (chunked; the logits of
+    all tokens never exist at once). Same value and gradients as `causal_lm_loss` on the logits."""
+    targets = shift_causal_labels(labels, shift_labels, ignore_index).to(hidden.device)
+    check_targets(targets, head.vocab_size, ignore_index)
+    total_or_mean = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, targets, ignore_index=ignore_index,
+        reduction="mean" if num_items_in_batch is None else "sum",
+        process_group=head.group if group_size(head.group) > 1 else None,
+        vocab_start=head.vocab_start, vocab_size=head.vocab_size,
+    )
+    if num_items_in_batch is None:
+        return total_or_mean
+    return reduce_token_losses(total_or_mean, targets, num_items_in_batch, ignore_index)
+
+
+LOSSES = {"causal_lm": causal_lm_loss}

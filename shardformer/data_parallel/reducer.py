@@ -1,14 +1,18 @@
-"""Gradient reduction across replicas, bucketed and overlapped with backward (as DDP does).
+"""Gradient reduction across the copies of each parameter, asking `sharding` how each is held.
 
-Every parameter is reduced over the ranks that hold a copy of it:
-  * an ordinary parameter over the dp group (sum, then / dp: the DDP mean);
-  * a parameter split with `replicas > 1` (KV heads replicated over tp) over its dp x replica
-    group: the sum over replicas is the true gradient (each replica saw only its own query
-    heads), the / dp makes it the data-parallel mean.
+Two reductions, with plain DDP semantics: every backward adds exactly its own reduced gradient
+to `.grad`, with or without `no_sync()`, with or without `zero_grad()` in between.
+  * Partial copies (`ShardSpec.partial`: KV heads replicated over tp, each copy seeing only its
+    own query heads): the gradient of *this backward* is summed over the copies' group by a hook
+    on the parameter, before it is accumulated into `.grad`. This is model-parallel math, so it
+    runs under `no_sync()` too; summing `.grad` itself would count earlier backwards again.
+  * Data parallelism: every parameter is averaged over the dp group (sum, then / dp), bucketed
+    and overlapped with backward as DDP does. A mean of identical values is the value, so
+    averaging the accumulated `.grad` adds exactly the mean of the new part.
 Parameters are packed into buckets of about `bucket_mb` in reverse registration order (roughly
 the order gradients are produced); a bucket's all-reduce is launched asynchronously as soon as
 its last gradient has been accumulated, and an end-of-backward callback waits for all of them.
-Under `no_sync()` gradients just accumulate locally, as with DDP.
+Under `no_sync()` gradients accumulate locally (dp), as with DDP.
 """
 from __future__ import annotations
 
@@ -17,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
 
-from .layers.shard import sharded_parameters
+from ..mesh import ParallelGroups
+from ..sharding import sharded_parameters
 
 
 @dataclass
@@ -32,45 +36,42 @@ class _Bucket:
     work: object = None
 
 
-def _replica_groups(mesh: DeviceMesh, replicas: int):
-    """This rank's group of dp x `replicas` consecutive-tp ranks (created on every rank)."""
-    grid = mesh.mesh  # ranks, shape (dp, pp, sp, tp)
-    dp, pp, sp, tp = grid.shape
-    rank_lists = [
-        grid[:, i, j, s * replicas:(s + 1) * replicas].flatten().tolist()
-        for i in range(pp) for j in range(sp) for s in range(tp // replicas)
-    ]
-    group, _ = dist.new_subgroups_by_enumeration(rank_lists)
-    return group
+def _sum_over(group):
+    """Tensor hook: this backward's gradient summed over `group` (before accumulation)."""
+
+    def hook(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    return hook
 
 
 class GradReducer:
-    """Reduces gradients over replicas (see module docstring). Does nothing when no parameter is
-    replicated across ranks."""
+    """Reduces gradients over the copies of each parameter (see module docstring). Does nothing
+    when no parameter has copies across ranks."""
 
-    def __init__(self, model: torch.nn.Module, mesh: DeviceMesh, bucket_mb: float = 25.0):
-        """Buckets of about `bucket_mb` MiB per (reduce group, dtype); hooks on every reduced param."""
+    def __init__(self, model: torch.nn.Module, groups: ParallelGroups, bucket_mb: float = 25.0):
+        """Sum hooks on partial parameters; dp buckets of about `bucket_mb` MiB per dtype."""
         self.enabled = True
         self._queued = False
         # buckets launched while backward was still running vs at its end (overlap evidence)
         self.launches = {"during_backward": 0, "at_end": 0}
-        dp = mesh.size(mesh.mesh_dim_names.index("dp"))
-        dp_group = mesh.get_group("dp") if dp > 1 else None
-        groups = {}
-        by_group: dict = {}
+        dp = groups.size("dp")
+        by_dtype: dict = {}
+        self._handles = []
         for _, param, spec in reversed(list(sharded_parameters(model))):
             if not param.requires_grad:
                 continue
-            replicas = spec.replicas if spec is not None else 1
-            if replicas > 1 and replicas not in groups:
-                groups[replicas] = _replica_groups(mesh, replicas)
-            group = groups[replicas] if replicas > 1 else dp_group
-            if group is not None:
-                by_group.setdefault((id(group), param.dtype), (group, []))[1].append(param)
+            if spec.partial and spec.replicas > 1:
+                self._handles.append(param.register_hook(_sum_over(groups.block(spec.replicas))))
+            if dp > 1:
+                by_dtype.setdefault(param.dtype, []).append(param)
         cap = int(bucket_mb * 2**20)
         self.buckets: list[_Bucket] = []
         self._bucket_of = {}
-        for group, params in by_group.values():
+        group = groups.dp
+        for params in by_dtype.values():
             current, size = [], 0
             for p in params:
                 current.append(p)
@@ -80,11 +81,11 @@ class GradReducer:
                     current, size = [], 0
             if current:
                 self._add_bucket(current, group, dp)
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
-                         for bucket in self.buckets for p in bucket.params]
+        self._handles += [p.register_post_accumulate_grad_hook(self._on_grad)
+                          for bucket in self.buckets for p in bucket.params]
 
     def remove(self):
-        """Detach the gradient hooks (the gradients are then no longer reduced)."""
+        """Detach every gradient hook (the gradients are then no longer reduced)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []

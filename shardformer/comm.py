@@ -8,8 +8,15 @@ than graph-breaking on c10d calls. A group of size 1 makes every op the identity
     copy_to_group      identity                   all-reduce (sum)
     reduce_from_group  all-reduce (sum)           identity
     gather_from_group  all-gather, concat on dim  keep this rank's slice of dim
+
+Outside autograd: `all_reduce_no_grad` (statistics), and `agree_on_failure` / `raise_if_failed`,
+which make a collective entry point of the library fail on every rank or on none: a rank that
+hit an error still takes part in one small collective saying so, and every rank then raises
+(the failing rank its own error, the others an error of the same kind naming it).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -93,3 +100,52 @@ def all_reduce_no_grad(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
         return x
     with torch.no_grad():
         return _all_reduce(x, group, op)
+
+
+def comm_device(group=None) -> torch.device:
+    """Where tensors for collectives on `group` must live: the current GPU for NCCL, else CPU."""
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _describe(error: BaseException) -> tuple[str, str]:
+    return type(error).__name__, str(error)
+
+
+def raise_if_failed(failed: bool, error: BaseException | None, group, what: str) -> None:
+    """Second half of an agreement: every rank of `group` already knows that *some* rank failed
+    (`failed`, from a collective they all ran). If so, gather the errors (one more collective)
+    and raise: this rank's own error if it has one, else a ValueError (when every failing rank
+    raised ValueError) or RuntimeError naming the failing ranks and their errors."""
+    if not failed:
+        return
+    errors = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, None if error is None else _describe(error), group=group)
+    if error is not None:
+        raise error
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(len(errors)))
+    named = [(rank, e) for rank, e in zip(ranks, errors) if e is not None]
+    kind = ValueError if all(e[0] == "ValueError" for _, e in named) else RuntimeError
+    detail = "; ".join(f"rank {rank}: {name}: {message}" for rank, (name, message) in named)
+    raise kind(f"{what} failed on another rank, so it stops on every rank ({detail})")
+
+
+def agree_on_failure(error: BaseException | None, group, what: str) -> None:
+    """One small all-reduce over `group` (every rank must call it, failed or not), then
+    `raise_if_failed`. Returns normally only when no rank of `group` failed."""
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=comm_device(group))
+    dist.all_reduce(flag, group=group)
+    raise_if_failed(bool(flag.item()), error, group, what)
+
+
+@contextlib.contextmanager
+def all_or_none(group, what: str):
+    """Run a block of local work (no collective inside) that may fail on some ranks only; on
+    exit every rank of `group` agrees: all continue, or all raise (see `agree_on_failure`)."""
+    error = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised (here or on every rank) just below
+        error = err
+    agree_on_failure(error, group, what)

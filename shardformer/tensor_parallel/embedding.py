@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comm import reduce_from_group
-from .shard import ShardSpec, split_parameter
+from ..comm import reduce_from_group
+from ..sharding import ShardSpec, record_specs, split_parameter
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -29,7 +29,7 @@ class VocabParallelEmbedding(nn.Module):
         self.padding_idx = padding_idx
         local_pad = None if padding_idx is None else padding_idx - self.vocab_start
         self._local_padding_idx = local_pad if local_pad is not None and 0 <= local_pad < spec.local else None
-        self.sf_shard_specs = {"weight": spec}
+        record_specs(self, weight=spec)
 
     @staticmethod
     def check_supported(emb: nn.Embedding, path: str) -> None:

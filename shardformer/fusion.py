@@ -1,0 +1,66 @@
+"""Substitute fused-kernel modules named by a policy (`ShardConfig(enable_fused_kernels=True)`).
+
+Planned (every entry resolved, nothing changed) with the rest of the layout, applied first in
+`shard_model`'s fixed order, before tensor parallelism, and changes no parameter: `FusedRMSNorm` shares the
+norm's weight, `FusedSwiGLUMLP` keeps the MLP's three projections (which tensor parallelism then
+replaces by parallel linears as usual). A module the kernel cannot reproduce (say an MLP whose
+activation is not SiLU) is left as HF wrote it, with a warning: the model stays the same model.
+Without CUDA the modules run the PyTorch reference, which computes the HF formula exactly.
+The rotary kernel has no module seam (see `kernels/rotary.py`): it is switched on, for this
+model's attention modules only, when the CUDA extension is loaded, since elsewhere it would run
+the same formula as HF's function. Attention
+stays transformers' own, on the fastest backend installed (see `attention.py`).
+"""
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from .kernels import cuda
+from .kernels.attention import select_attention
+from .kernels.modules import FusedRMSNorm, FusedSwiGLUMLP
+from .kernels.rotary import enable_fused_rotary
+
+
+def plan_fused_kernels(model: nn.Module, policy, layers_path: str, base_path: str) -> list:
+    """(path, module, builder) for the policy's `fused_norms` (per layer and `final_norm`) and
+    `fused_mlp`, resolved without changing anything. `layers_path` locates the decoder layers,
+    `base_path` ("" or "model.") the base model. Raises ValueError for an entry that matches
+    nothing (naming it) unless `optional`."""
+    todo = []  # (root path, entry value, builder, policy entry)
+    for i in range(len(model.get_submodule(layers_path))):
+        todo += [(f"{layers_path}.{i}", n, FusedRMSNorm.from_hf, "fused_norms") for n in policy.fused_norms]
+        if policy.fused_mlp:
+            todo.append((f"{layers_path}.{i}", policy.fused_mlp, FusedSwiGLUMLP.from_hf, "fused_mlp"))
+    if policy.final_norm:
+        todo.append((base_path.rstrip("."), policy.final_norm, FusedRMSNorm.from_hf, "final_norm"))
+    found = []
+    for root_path, relative, build, entry in todo:
+        root = model.get_submodule(root_path) if root_path else model
+        try:
+            module = policy.resolve(root, relative, root_path or type(model).__name__, entry)
+        except ValueError:
+            if relative in policy.optional:
+                continue
+            raise
+        found.append((f"{root_path}.{relative}" if root_path else relative, module, build))
+    return found
+
+
+def apply_fused_kernels(model: nn.Module, policy, planned: list, attention_paths: list[str]) -> list[str]:
+    """Swap the `planned` modules (from `plan_fused_kernels`); route the rotary embedding of the
+    attention modules at `attention_paths` to the fused kernel (CUDA only); pick the attention
+    backend. Returns the paths swapped; a module the kernel cannot reproduce is left as it is,
+    with a warning."""
+    done = []
+    for path, module, build in planned:
+        try:
+            policy.replace(model, path, build(module))
+            done.append(path)
+        except ValueError as err:
+            warnings.warn(f"fused kernel not applied to {path}: {err}", stacklevel=2)
+    if policy.fused_rotary and cuda.available():
+        enable_fused_rotary(model, [model.get_submodule(p) for p in attention_paths])
+    select_attention(model)
+    return done

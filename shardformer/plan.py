@@ -1,0 +1,40 @@
+"""All validation of a layout against a model, with no collective and no change to the model.
+
+`plan_layout` checks the world against the config, resolves the policy against the model for
+every parallelism (today tensor parallelism and the fused kernels) and returns what to apply.
+Every impossible layout is a ValueError naming the config field and the model attribute (or the
+policy entry); `shard_model` has all ranks agree on the outcome before its first other collective.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import ShardConfig
+from .fusion import plan_fused_kernels
+from .mesh import check_world
+from .tensor_parallel.plan import TensorParallelPlan, plan_tensor_parallel
+
+
+@dataclass
+class LayoutPlan:
+    """What `shard_model` applies, in this order: `kernels`, then `tp`."""
+
+    config: ShardConfig
+    policy: object
+    dp: int
+    tp: TensorParallelPlan
+    kernels: list  # (path, module, builder) from plan_fused_kernels; [] without fused kernels
+
+
+def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) -> LayoutPlan:
+    """Validate `config` against the world and `model` with `policy`; see the module docstring."""
+    dp = check_world(config, world_size)
+    tp = plan_tensor_parallel(model, policy, config.tp_size)
+    if config.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"ShardConfig.gradient_checkpointing=True but {type(model).__name__}.supports_gradient_checkpointing is False"
+        )
+    kernels = plan_fused_kernels(model, policy, tp.layers_path, tp.base_path) if config.enable_fused_kernels else []
+    return LayoutPlan(config, policy, dp, tp, kernels)

@@ -1,0 +1,56 @@
+"""Apply a tensor-parallel plan (see `plan.py`) to an unmodified HF model by substituting leaf
+modules: planned `nn.Linear`s become column / row parallel linears, the token embedding and the LM
+head become vocab parallel (slicing the existing weights, so the sharded model starts identical
+to the unsharded one), and the vocab-parallel loss is installed through the model's
+`loss_function` hook. No collective runs here.
+
+No HF forward is replaced: attention, decoder layers and the model run their own code on the
+local heads (HF reshapes with -1 heads; `attention_local_attrs` fixes the per-rank counts).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+
+from ..comm import copy_to_group
+from .embedding import VocabParallelEmbedding
+from .linear import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
+from .loss import LOSSES
+from .plan import TensorParallelPlan
+
+
+def _copy_output_to(group):
+    """Forward hook: hand the module's output to the tp group (gradient all-reduced in backward)."""
+
+    def hook(module, args, output):
+        return copy_to_group(output, group)
+
+    return hook
+
+
+def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, policy, group, tp_rank: int) -> None:
+    """Substitute the planned modules (see module docstring)."""
+    for path, spec in plan.specs.items():
+        cls = ColumnParallelLinear if plan.kinds[path] == "column" else RowParallelLinear
+        policy.replace(model, path, cls.from_linear(model.get_submodule(path), spec, group, tp_rank))
+    for owner, linears in plan.input_copies.items():
+        model.get_submodule(owner).register_forward_hook(_copy_output_to(group))
+        for path in linears:
+            model.get_submodule(path).copy_input = False
+    for path, attrs in plan.attention_attrs.items():
+        attention = model.get_submodule(path)
+        for attr, value in attrs.items():
+            setattr(attention, attr, value)
+
+    embedding = VocabParallelEmbedding.from_embedding(
+        model.get_submodule(plan.embedding_path), plan.vocab_spec, group, tp_rank
+    )
+    policy.replace(model, plan.embedding_path, embedding)
+    if plan.head_path is not None:
+        shared = embedding.weight if plan.tied else None
+        head = VocabParallelLMHead.from_linear(
+            model.get_submodule(plan.head_path), plan.vocab_spec, group, tp_rank, weight=shared
+        )
+        policy.replace(model, plan.head_path, head)
+        model.loss_function = partial(LOSSES[policy.loss], head=head)
