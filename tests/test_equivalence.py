@@ -274,3 +274,31 @@ def check_bf16(tp, fused):
 @pytest.mark.parametrize("fused", [True, False])
 def test_bf16_model(pools, fused):
     pools(2).run(check_bf16, 2, fused)
+
+
+def check_policy_built_at_run_time(tp):
+    """A policy is a frozen dataclass instance: one built at run time (no class, no registry)
+    shards exactly like the registered class, and dataclasses.replace changes one field."""
+    import dataclasses
+
+    from shardformer.policies import LlamaPolicy, Policy
+
+    llama = LlamaPolicy()
+    fields = {f.name: getattr(llama, f.name) for f in dataclasses.fields(llama) if f.name != "name"}
+    runtime = Policy(name="RuntimeLlama", **fields)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        runtime.fused_mlp = None
+    ref = build("llama")
+    ids, labels = batch(2)
+    ref(input_ids=ids, labels=labels).loss.backward()
+    unfused_mlp = dataclasses.replace(llama, fused_mlp=None)
+    for policy in (runtime, unfused_mlp):
+        model = sf.shard_model(copy.deepcopy(build("llama")), policy=policy, config=sf.ShardConfig(tp_size=tp))
+        assert isinstance(model.model.layers[0].mlp, FusedSwiGLUMLP) == (policy is runtime)
+        model.forward_backward(input_ids=ids, labels=labels)
+        assert max(grad_errors(model, ref).values()) <= TOL
+    return True
+
+
+def test_policy_built_at_run_time(pools):
+    pools(2).run(check_policy_built_at_run_time, 2)

@@ -168,7 +168,8 @@ def check_different_batches(check):
     """Each tp rank gets its own batch (as a per-rank seed would give): an error on every rank,
     naming the replica's ranks; the same token count in other shapes too. check_batch=False
     skips the check (the caller vouches for its data)."""
-    model = sf.shard_model(build("llama"), config=sf.ShardConfig(tp_size=2, check_batch=check))
+    config = sf.ShardConfig(tp_size=2) if check else sf.ShardConfig(tp_size=2, check_batch=False)
+    model = sf.shard_model(build("llama"), config=config)
     rank = dist.get_rank()
     ids, labels = batch(2, seed=rank + 1)
     if not check:
@@ -186,6 +187,7 @@ def check_different_batches(check):
 
 def test_tp_peers_with_different_batches_raise(pools):
     for outcomes in pools(2).run(check_different_batches, True, timeout=BOUND):
+        assert None not in outcomes, outcomes
         for kind, message in outcomes:
             assert kind == "ValueError" and "same batch" in message and "[0, 1]" in message, message
     assert pools(2).run(check_different_batches, False, timeout=BOUND) == [None, None]

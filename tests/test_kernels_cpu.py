@@ -125,15 +125,20 @@ def test_enable_fused_rotary_routes_llama_attention(monkeypatch):
     calls = []
     real = ops.apply_rotary
     monkeypatch.setattr(ops, "apply_rotary", lambda *a, **k: calls.append(1) or real(*a, **k))
+    other = _tiny_llama()  # another model of the family in the same process: never routed
     try:
         assert "transformers.models.llama.modeling_llama" in enable_fused_rotary(model)
         assert enable_fused_rotary(model) == ["transformers.models.llama.modeling_llama"]  # idempotent
         got = model(input_ids=ids).logits
+        assert len(calls) == model.config.num_hidden_layers
+        _close(other(input_ids=ids).logits, want)
+        assert len(calls) == model.config.num_hidden_layers  # the other model kept HF's function
     finally:
         disable_fused_rotary()
-    assert len(calls) == model.config.num_hidden_layers
     assert ml.apply_rotary_pos_emb.__module__ == ml.__name__  # restored
     _close(got, want)
+    model(input_ids=ids)
+    assert len(calls) == model.config.num_hidden_layers  # unscoped after disable
 
 
 # --------------------------------------------------------------------------- SwiGLU MLP
