@@ -17,17 +17,34 @@ No engine code needs reading.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from types import MappingProxyType
-
+from dataclasses import dataclass
 from torch import nn
 
 _REGISTRY: dict[str, "Policy"] = {}
-_MAPPINGS = ("tp_input_copies", "attention_local_attrs")
 
 
-def _frozen_mapping(value) -> MappingProxyType:
-    return MappingProxyType({k: tuple(v) if isinstance(v, list) else v for k, v in dict(value).items()})
+class FrozenDict(dict):
+    """A read-only, hashable dict (policy fields that map names to names)."""
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("policy mappings are read-only; build a new policy with dataclasses.replace")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self):
+        return FrozenDict, (dict(self),)
+
+
+def _frozen(value):
+    """Lists become tuples and dicts FrozenDicts (recursively), so that policies stay immutable."""
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict) and not isinstance(value, FrozenDict):
+        return FrozenDict({k: _frozen(v) for k, v in value.items()})
+    return value
 
 
 @dataclass(frozen=True)
@@ -72,11 +89,11 @@ class Policy:
     lm_head: str = "lm_head"
     column_parallel: tuple[str, ...] = ()
     row_parallel: tuple[str, ...] = ()
-    tp_input_copies: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    tp_input_copies: FrozenDict = FrozenDict()
     query_projections: tuple[str, ...] = ()
     kv_projections: tuple[str, ...] = ()
     attention: str = "self_attn"
-    attention_local_attrs: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    attention_local_attrs: FrozenDict = FrozenDict()
     num_heads_attr: str = "num_attention_heads"
     num_kv_heads_attr: str = "num_key_value_heads"
     loss: str = "causal_lm"
@@ -91,26 +108,19 @@ class Policy:
         """A subclass's plain class attributes become its field defaults (it is made a frozen
         dataclass itself), so `column_parallel = (...)` in a subclass body means what it says."""
         super().__init_subclass__(**kwargs)
-        annotations = cls.__dict__.get("__annotations__", {})
+        annotations = dict(cls.__dict__.get("__annotations__", {}))
         for f in dataclasses.fields(Policy):
-            if f.name in cls.__dict__ and f.name not in annotations:
-                value = cls.__dict__[f.name]
-                if f.name in _MAPPINGS:
-                    value = field(default_factory=lambda v=_frozen_mapping(value): v)
-                setattr(cls, f.name, value)
-                annotations = {**annotations, f.name: f.type}
+            if f.name in cls.__dict__:
+                setattr(cls, f.name, _frozen(cls.__dict__[f.name]))
+                annotations.setdefault(f.name, f.type)
         cls.__annotations__ = annotations
         dataclass(frozen=True, repr=False)(cls)
 
     def __post_init__(self):
         if not self.name:
             object.__setattr__(self, "name", type(self).__name__)
-        for attr in _MAPPINGS:
-            object.__setattr__(self, attr, _frozen_mapping(getattr(self, attr)))
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list):
-                object.__setattr__(self, f.name, tuple(value))
+            object.__setattr__(self, f.name, _frozen(getattr(self, f.name)))
 
     def __repr__(self) -> str:
         return f"{self.name}(model_types={self.model_types})"

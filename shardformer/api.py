@@ -41,18 +41,18 @@ class ShardedModelMixin:
         the same value on every rank. Gradients are reduced across replicas when it returns.
 
         Every rank of one replica passes the same batch (checked unless
-        `ShardConfig.check_batch=False`); a bad batch on any rank raises on every rank."""
+        `ShardConfig.check_batch=False`). A bad batch on any rank (no labels, an id or label
+        outside the vocabulary) raises on every rank: the ranks share the outcome of that
+        validation in one tiny all-gather over the world, with or without the check."""
         error = None
         try:
             self._check_training_batch(batch)
         except ValueError as err:
             error = err
-        if self.sf_config.check_batch:
-            flags = self._batch_range_flags(batch) if error is None else torch.zeros(2, dtype=torch.int64)
-            bad = check_batch(self.sf_groups, (), batch, dist.group.WORLD, error, flags, "forward_backward")
-            self._raise_range_error(bad)
-        elif error is not None:
-            raise error
+        flags = self._batch_range_flags(batch) if error is None else torch.zeros(2, dtype=torch.int64)
+        bad = check_batch(self.sf_groups, (), batch, dist.group.WORLD, error, flags, "forward_backward",
+                          compare=self.sf_config.check_batch)
+        self._raise_range_error(bad)
         self.sf_batch_checked = True
         try:
             out = self(**batch)
@@ -95,7 +95,7 @@ class ShardedModelMixin:
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip all gradients by the global norm of the unsharded model's gradient; returns it."""
-        return clip_grad_norm_(self, max_norm, self.sf_groups.replica, norm_type)
+        return clip_grad_norm_(self, max_norm, self.sf_groups.size("dp"), norm_type)
 
     def no_sync(self):
         """Context manager: skip the data-parallel gradient reduction (gradient accumulation)."""

@@ -10,8 +10,11 @@ tensor's bits: two int64 numbers) and the fingerprints are exchanged in one smal
 `check_batch` runs in the sharded model's forward over the replica group; `forward_backward`
 runs it over the whole world instead, together with its own input validation, so that a bad
 batch on any rank (of any replica) stops every rank with the same error instead of leaving the
-others waiting in a collective. Inside `torch.compile` the comparison is a device-side assert
-(no host sync, no graph break). Turn it off with `ShardConfig(check_batch=False)`.
+others waiting in a collective. `ShardConfig(check_batch=False)` turns the fingerprint
+comparison off; `forward_backward` still shares its validation (one tiny all-gather).
+Inside `torch.compile` the comparison is a device-side assert (no host sync, no graph break):
+a mismatch raises RuntimeError there (on CUDA, a device-side assert that ends the process)
+instead of the ValueError of eager mode.
 """
 from __future__ import annotations
 
@@ -45,30 +48,38 @@ def _crc(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-def fingerprint(args: tuple, kwargs: dict, device) -> tuple[torch.Tensor, str]:
-    """(int64 [2] on `device`: a structure number from every argument's name, dtype and shape,
-    and a content sum; a readable description of the batch)."""
-    items = [(f"arg{i}", v) for i, v in enumerate(args)] + [(k, kwargs[k]) for k in sorted(kwargs)]
-    parts, structure = [], 0
+def _items(args: tuple, kwargs: dict) -> list:
+    return [(f"arg{i}", v) for i, v in enumerate(args)] + [(k, kwargs[k]) for k in sorted(kwargs)]
+
+
+def fingerprint(args: tuple, kwargs: dict, device) -> torch.Tensor:
+    """int64 [2] on `device`: a structure number from every argument's name, dtype and shape
+    (values of plain arguments; only the type of other objects: caches differ between peers by
+    design), and a content sum of every tensor."""
+    structure = torch.zeros((), dtype=torch.int64, device=device)
     content = torch.zeros((), dtype=torch.int64, device=device)
-    for key, value in items:
+    for key, value in _items(args, kwargs):
         key_code = _crc(key) | 1
         if torch.is_tensor(value):
-            shape = list(value.shape)
-            parts.append(f"{key}:{str(value.dtype).replace('torch.', '')}{shape}")
-            code = _crc(str(value.dtype)) + len(shape)
-            for size in shape:
-                code = (code * 1000003 + size) % 2147483647
-            structure = (structure + key_code * code) % 9223372036854775783
+            shape = torch.tensor([_crc(str(value.dtype)), *value.shape], dtype=torch.int64, device=device)
+            weights = torch.arange(1, shape.numel() + 1, dtype=torch.int64, device=device).mul_(1000003)
+            structure = structure + (shape * weights).sum() * key_code
             content = content + _bits_sum(value).to(device) * key_code
-        elif isinstance(value, _PLAIN):
-            parts.append(f"{key}={value!r}")
-            structure = (structure + key_code * (_crc(repr(value)) + 1)) % 9223372036854775783
-        else:  # caches and other objects differ between peers by design (local heads)
-            parts.append(f"{key}:{type(value).__name__}")
-            structure = (structure + key_code * _crc(type(value).__name__)) % 9223372036854775783
-    fp = torch.stack([torch.tensor(structure, dtype=torch.int64, device=device), content])
-    return fp, ", ".join(parts)
+        else:
+            code = _crc(repr(value)) if isinstance(value, _PLAIN) else _crc(type(value).__name__)
+            structure = structure + key_code * (code + 1)
+    return torch.stack([structure, content])
+
+
+def describe(args: tuple, kwargs: dict) -> str:
+    """A readable summary of a batch (names, dtypes, shapes, plain values) for error messages."""
+    parts = []
+    for key, value in _items(args, kwargs):
+        if torch.is_tensor(value):
+            parts.append(f"{key}:{str(value.dtype).replace('torch.', '')}{list(value.shape)}")
+        else:
+            parts.append(f"{key}={value!r}" if isinstance(value, _PLAIN) else f"{key}:{type(value).__name__}")
+    return ", ".join(parts)
 
 
 def _mismatch_message(rows, description: str, what: str) -> str:
@@ -80,27 +91,36 @@ def _mismatch_message(rows, description: str, what: str) -> str:
             "turns this check off.")
 
 
+def _check_compiled(groups, args: tuple, kwargs: dict, what: str) -> None:
+    """Traced variant over the replica group: no host sync, a device-side assert."""
+    group = groups.replica
+    mine = fingerprint(args, kwargs, comm_device(group))
+    table = fc.wait_tensor(fc.all_gather_tensor(mine, 0, group)).view(-1, 2)
+    torch._assert_async((table == table[:1]).all(),
+                        _mismatch_message(groups.replica_ranks, "see the eager-mode error for shapes", what))
+
+
 def check_batch(groups, args: tuple, kwargs: dict, group=None, error: BaseException | None = None,
-                flags: torch.Tensor | None = None, what: str = "forward") -> torch.Tensor:
+                flags: torch.Tensor | None = None, what: str = "forward", compare: bool = True) -> torch.Tensor:
     """Compare the batch fingerprints of every replica's ranks over `group` (None: the replica
-    group; `dist.group.WORLD` for a whole step) in one all-gather. `error`: this rank's own
-    validation failure, shared so that every rank raises; `flags`: int64 [k] device-side checks
-    (1 = bad), returned summed over `group`. Raises ValueError on every rank of `group` when a
-    replica's batches differ."""
+    group; `dist.group.WORLD` for a whole step) in one all-gather; `compare=False` exchanges only
+    `error` and `flags`. `error`: this rank's own validation failure, shared so that every rank
+    raises; `flags`: int64 [k] device-side checks (1 = bad), returned summed over `group` (on the
+    CPU). Raises ValueError on every rank of `group` when a replica's batches differ."""
     group = groups.replica if group is None else group
     if dist.get_world_size(group) == 1 and flags is None:
         if error is not None:
             raise error
         return torch.zeros(0, dtype=torch.int64)
+    if torch.compiler.is_compiling():
+        if group is not groups.replica or error is not None or flags is not None:
+            raise ValueError("check_batch under torch.compile checks the replica group's fingerprints only")
+        _check_compiled(groups, args, kwargs, what)
+        return torch.zeros(0, dtype=torch.int64)
     device = comm_device(group)
-    fp, description = fingerprint(args, kwargs, device)
+    fp = fingerprint(args, kwargs, device) if compare else torch.zeros(2, dtype=torch.int64, device=device)
     extra = torch.zeros(0, dtype=torch.int64, device=device) if flags is None else flags.to(device, torch.int64)
     mine = torch.cat([torch.tensor([0 if error is None else 1], device=device), fp, extra])
-    if torch.compiler.is_compiling():  # traced: no host sync, a device-side assert
-        table = fc.wait_tensor(fc.all_gather_tensor(mine, 0, group)).view(-1, mine.numel())
-        torch._assert_async((table[:, 1:3] == table[:1, 1:3]).all(), _mismatch_message(groups.replica_ranks,
-                                                                                         description, what))
-        return table[:, 3:].sum(0)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).tolist()
@@ -110,5 +130,5 @@ def check_batch(groups, args: tuple, kwargs: dict, group=None, error: BaseExcept
     for replica in groups.replica_rows:
         prints = [by_rank[r] for r in replica if r in by_rank]
         if any(p != prints[0] for p in prints):
-            raise ValueError(_mismatch_message(replica, description, what))
+            raise ValueError(_mismatch_message(replica, describe(args, kwargs), what))
     return torch.tensor([sum(col) for col in zip(*[row[3:] for row in table])], dtype=torch.int64)

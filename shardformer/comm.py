@@ -103,8 +103,10 @@ def all_reduce_no_grad(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
 
 
 def comm_device(group=None) -> torch.device:
-    """Where tensors for collectives on `group` must live: the current GPU for NCCL, else CPU."""
-    if "nccl" in str(dist.get_backend(group)):
+    """Where tensors for collectives on `group` must live: CPU when the group runs gloo (also a
+    "cpu:gloo,cuda:nccl" group), else the current GPU (NCCL)."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "gloo" not in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -2,13 +2,14 @@
 
 The norm is that of the unsharded model's gradient: each rank adds the norm terms of the
 gradient entries it holds, weighting each entry by 1 / (number of ranks of its replica holding
-it, `ShardSpec`'s copies) so that it counts once; the sums are all-reduced over the replica's
-model-parallel group (`ParallelGroups.replica`). Gradients are identical across dp after the
-gradient reducer ran, so dp needs no reduction. Same clip rule as
+it, `ShardSpec.replicas`) so that it counts once per replica. One all-reduce over the whole world
+sums them; every data-parallel replica holds the same (reduced) gradients, so the sum is divided
+by dp (for the inf-norm the max needs no division). Same clip rule as
 `torch.nn.utils.clip_grad_norm_`: grads *= min(1, max_norm / (total_norm + 1e-6)).
 
 The same all-reduce carries a failure flag: a rank that cannot compute its part still joins it,
-and then every rank raises (see `comm.raise_if_failed`) instead of the others waiting forever.
+and then every rank of every replica raises (see `comm.raise_if_failed`) instead of the others
+waiting forever or clipping alone.
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ def _local_norm_term(model, norm_type: float, device) -> tuple[list[torch.Tensor
     return grads, partial
 
 
-def clip_grad_norm_(model: torch.nn.Module, max_norm: float, group, norm_type: float = 2.0) -> torch.Tensor:
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float, dp: int, norm_type: float = 2.0) -> torch.Tensor:
     """Clip gradients in place by their global norm; return that norm (before clipping).
-    `group`: the model-parallel group of one replica. Every rank of it must call this."""
+    `dp`: the data-parallel degree. Every rank of the world must call this."""
     norm_type = float(norm_type)
+    group = None  # the world
     device = comm_device(group)
     error, grads, partial = None, [], torch.zeros((), device=device)
     try:
@@ -51,7 +53,7 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, group, norm_type: f
     both = torch.stack([partial.float(), torch.tensor(float(error is not None), device=device)])
     dist.all_reduce(both, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM, group=group)
     raise_if_failed(bool(both[1].item()), error, group, "clip_grad_norm_")
-    total = both[0] if infinite else both[0].pow(1.0 / norm_type)
+    total = both[0] if infinite else (both[0] / dp).pow(1.0 / norm_type)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
         g.detach().mul_(coef.to(g.device, g.dtype))

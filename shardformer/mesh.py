@@ -8,11 +8,12 @@ the axis order; everything else indexes axes by name.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
-from dataclasses import dataclass, field
 
 from .config import ShardConfig
 
@@ -25,9 +26,14 @@ _LAUNCH_HINT = (
 
 
 def require_process_group() -> int:
-    """Return the world size, or raise ValueError saying how to launch when there is no process group."""
+    """Return the world size, or raise ValueError saying how to launch when there is no process
+    group. On NCCL, pick this process's GPU from LOCAL_RANK when CUDA is not initialised yet (as
+    DeviceMesh would), before shardformer's first collective runs on the current device."""
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(f"shard_model needs an initialized torch.distributed process group: {_LAUNCH_HINT}")
+    if ("nccl" in str(dist.get_backend()) and torch.cuda.is_available() and not torch.cuda.is_initialized()
+            and "LOCAL_RANK" in os.environ):
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     return dist.get_world_size()
 
 

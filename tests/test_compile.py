@@ -41,3 +41,30 @@ def check_compiled(tp, backend="aot_eager"):
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor: its own kernels, collectives lowered
 def test_compile_sharded_model_without_graph_breaks(pools, backend):
     assert pools(2).run(check_compiled, 2, backend) == [0, 0]
+
+
+def check_compiled_shapes_and_batch_check(tp):
+    """The batch check inside the compiled forward: no graph break as sequence lengths change
+    (dynamic shapes), and tp peers fed different batches still raise (a device-side assert
+    under compile: RuntimeError on CPU)."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = sf.shard_model(build("llama", tied=True), config=sf.ShardConfig(tp_size=tp))
+    compiled = torch.compile(model, backend="aot_eager")
+    for seq in (12, 10, 9, 8):
+        ids, labels = batch(2, seq=seq)
+        compiled(input_ids=ids, labels=labels).loss.backward()
+    breaks = sum(counters["graph_break"].values())
+    assert breaks == 0, dict(counters["graph_break"])
+    ids, labels = batch(2, seq=8, seed=torch.distributed.get_rank() + 5)
+    with pytest.raises(RuntimeError, match="received different batches"):
+        compiled(input_ids=ids, labels=labels)
+    return breaks
+
+
+def test_compiled_batch_check(pools):
+    assert pools(2).run(check_compiled_shapes_and_batch_check, 2) == [0, 0]

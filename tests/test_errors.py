@@ -162,3 +162,27 @@ def check_out_of_range_ids(fused):
 @pytest.mark.parametrize("fused", [True, False])
 def test_out_of_range_ids_raise(pools, fused):
     pools(2).run(check_out_of_range_ids, fused)
+
+
+def test_policies_are_frozen_hashable_and_picklable():
+    """Policies are frozen dataclass instances: hashable, picklable (spawned workers), copyable;
+    a subclass may write lists and dicts, which become tuples and read-only mappings."""
+    import dataclasses
+    import pickle
+
+    policy = LlamaPolicy()
+    assert pickle.loads(pickle.dumps(policy)) == policy == copy.deepcopy(policy)
+    assert hash(policy) == hash(LlamaPolicy())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.fused_mlp = None
+    with pytest.raises(TypeError, match="read-only"):
+        policy.tp_input_copies["x"] = ("y",)
+
+    class ListPolicy(LlamaPolicy):
+        column_parallel = ["self_attn.q_proj", "self_attn.k_proj"]
+        tp_input_copies = {**LlamaPolicy.tp_input_copies, "extra": ["self_attn.q_proj"]}
+
+    listed = ListPolicy()
+    assert listed.column_parallel == ("self_attn.q_proj", "self_attn.k_proj")
+    assert listed.tp_input_copies["extra"] == ("self_attn.q_proj",) and listed.name == "ListPolicy"
+    assert dataclasses.replace(listed, row_parallel=["a"]).row_parallel == ("a",)

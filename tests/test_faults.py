@@ -112,9 +112,11 @@ def check_shard_model_failure(where):
             api.apply_tensor_parallel = original
 
 
-def check_forward_backward_failure(tp, injection):
-    """One rank's batch is bad (labels missing / out of range) while the others' is fine."""
-    model = sf.shard_model(build("llama"), config=sf.ShardConfig(tp_size=tp))
+def check_forward_backward_failure(tp, injection, check=True):
+    """One rank's batch is bad (labels missing / out of range) while the others' is fine; with
+    check_batch=False the ranks still share the validation."""
+    config = sf.ShardConfig(tp_size=tp) if check else sf.ShardConfig(tp_size=tp, check_batch=False)
+    model = sf.shard_model(build("llama"), config=config)
     ids, labels = batch(2)
     if dist.get_rank() == 1:
         labels = None if injection == "no_labels" else labels.masked_fill(labels == labels[0, 0], 250)
@@ -124,9 +126,10 @@ def check_forward_backward_failure(tp, injection):
     return outcome
 
 
-def check_clip_failure():
-    """Rank 1 passes an invalid max_norm: every rank raises."""
-    model = sf.shard_model(build("llama"), config=sf.ShardConfig(tp_size=2))
+def check_clip_failure(tp):
+    """Rank 1 passes an invalid max_norm: every rank raises (at tp=1 the other rank is another
+    data-parallel replica)."""
+    model = sf.shard_model(build("llama"), config=sf.ShardConfig(tp_size=tp))
     ids, labels = batch(2)
     model.forward_backward(input_ids=ids, labels=labels)
     outcome = _raises_everywhere(model.clip_grad_norm_, -1.0 if dist.get_rank() == 1 else 1.0)
@@ -146,17 +149,20 @@ def test_shard_model_failure_on_one_rank_raises_everywhere(pools, where):
         assert outcomes[0][0] == "RuntimeError" and "rank 1" in outcomes[0][1] and "injected" in outcomes[0][1]
 
 
-@pytest.mark.parametrize("tp,injection", [(1, "no_labels"), (1, "out_of_range"), (2, "no_labels")])
-def test_forward_backward_failure_on_one_rank_raises_everywhere(pools, tp, injection):
+@pytest.mark.parametrize("tp,injection,check", [(1, "no_labels", True), (1, "out_of_range", True),
+                                               (2, "no_labels", True), (1, "no_labels", False),
+                                               (1, "out_of_range", False)])
+def test_forward_backward_failure_on_one_rank_raises_everywhere(pools, tp, injection, check):
     """tp=1 on 2 ranks is dp=2: the bad batch is on another replica, which would otherwise leave
     the good one waiting in the gradient all-reduce."""
-    outcomes = pools(2).run(check_forward_backward_failure, tp, injection, timeout=BOUND)
+    outcomes = pools(2).run(check_forward_backward_failure, tp, injection, check, timeout=BOUND)
     assert all(o is not None and o[0] == "ValueError" for o in outcomes), outcomes
     assert all(("labels" in o[1]) for o in outcomes), outcomes
 
 
-def test_clip_grad_norm_failure_on_one_rank_raises_everywhere(pools):
-    outcomes = pools(2).run(check_clip_failure, timeout=BOUND)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_clip_grad_norm_failure_on_one_rank_raises_everywhere(pools, tp):
+    outcomes = pools(2).run(check_clip_failure, tp, timeout=BOUND)
     (o0, n0), (o1, n1) = outcomes
     assert o1[0] == "ValueError" and "max_norm" in o1[1]
     assert o0[0] == "ValueError" and "rank 1" in o0[1] and "max_norm" in o0[1]
