@@ -11,8 +11,8 @@ import os
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-packages = ["shardformer", "shardformer.tensor_parallel", "shardformer.data_parallel", "shardformer.checkpoint",
-            "shardformer.kernels", "shardformer.policies"]
+packages = ["shardformer", "shardformer.tensor_parallel", "shardformer.sequence_parallel", "shardformer.data_parallel",
+            "shardformer.checkpoint", "shardformer.kernels", "shardformer.policies"]
 kwargs = {}
 if os.environ.get("CUDA_EXT") == "1":
     from torch.utils.cpp_extension import BuildExtension

@@ -1,8 +1,8 @@
 """`shard_model`: turn an unmodified HF model into this rank's shard of a parallel model.
 
     plan (no collective: plan.py) -> all ranks agree -> mesh and groups (collectives)
-    -> apply in one fixed order: fused kernels, tensor parallelism, gradient checkpointing,
-       the gradient reducer -> all ranks agree -> the sharded class
+    -> apply in one fixed order: fused kernels, tensor parallelism, sequence parallelism,
+       gradient checkpointing, the gradient reducer -> all ranks agree -> the sharded class
 
 The model object itself is sharded in place and returned: its class becomes a subclass of the
 original (same name) that adds `forward_backward` (the training step, for any layout),
@@ -29,6 +29,7 @@ from .fusion import apply_fused_kernels
 from .grad_clip import clip_grad_norm_
 from .mesh import build_groups, build_mesh, require_process_group
 from .plan import LayoutPlan, plan_layout
+from .sequence_parallel import UlyssesCalls, apply_split_gather, apply_ulysses, gather_hidden_hook
 from .tensor_parallel import accepts_return_dict, apply_tensor_parallel, run_forward
 
 
@@ -95,7 +96,7 @@ class ShardedModelMixin:
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip all gradients by the global norm of the unsharded model's gradient; returns it."""
-        return clip_grad_norm_(self, max_norm, self.sf_groups.size("dp"), norm_type)
+        return clip_grad_norm_(self, max_norm, self.sf_groups.data_size, norm_type)
 
     def no_sync(self):
         """Context manager: skip the data-parallel gradient reduction (gradient accumulation)."""
@@ -111,7 +112,7 @@ def _sharded_class(cls: type) -> type:
     def forward(self, *args, **kwargs):
         if self.sf_config.check_batch and not self.sf_batch_checked:
             check_batch(self.sf_groups, args, kwargs)
-        return run_forward(self, hf_forward, args, kwargs, takes_return_dict)
+        return run_forward(self, hf_forward, args, kwargs, takes_return_dict, self.sf_sequence_calls)
 
     sharded = type(cls.__name__, (ShardedModelMixin, cls), {"__module__": cls.__module__, "forward": forward})
     sharded.__qualname__ = cls.__qualname__
@@ -132,11 +133,21 @@ def _apply(model, plan: LayoutPlan, groups) -> None:
     config, policy = plan.config, plan.policy
     if config.enable_fused_kernels:
         apply_fused_kernels(model, policy, plan.kernels, list(plan.tp.attention_attrs))
-    apply_tensor_parallel(model, plan.tp, policy, groups.tp, groups.mesh.get_local_rank("tp"))
+    tp_hooks = apply_tensor_parallel(model, plan.tp, policy, groups.tp, groups.mesh.get_local_rank("tp"))
+    head = model.get_submodule(plan.tp.head_path) if plan.tp.head_path is not None else None
+    calls = None
+    if config.sp_mode == "split_gather":
+        apply_split_gather(model, plan.sp, tp_hooks, groups.tp, groups.size("tp"), head)
+    elif config.sp_mode == "all_to_all":
+        lengths = apply_ulysses(model, plan.sp, groups)
+        calls = UlyssesCalls(groups.sp, groups.size("sp"), groups.mesh.get_local_rank("sp"), head is not None)
+        if head is None:  # the whole sequence for the model's own outputs / heads
+            final = model.get_submodule(plan.tp.base_path + policy.final_norm)
+            final.register_forward_hook(gather_hidden_hook(groups.sp, groups.size("sp"), lengths[-1]))
+    model.sf_sequence_calls = calls
     if config.gradient_checkpointing:
         _enable_checkpointing(model)
     model.sf_mesh, model.sf_groups, model.sf_config, model.sf_policy = groups.mesh, groups, config, policy
-    head = model.get_submodule(plan.tp.head_path) if plan.tp.head_path is not None else None
     object.__setattr__(model, "sf_lm_head", head)  # a reference, not a second registered submodule
     model.sf_fused_lm_loss = config.enable_fused_kernels and policy.fused_lm_loss
     model.sf_vocab_size = plan.tp.vocab_spec.full

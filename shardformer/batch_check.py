@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-from .comm import comm_device, raise_if_failed
+from .comm import _all_gather_dim0, comm_device, raise_if_failed
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _PLAIN = (str, int, float, bool, type(None))
@@ -95,7 +95,7 @@ def _check_compiled(groups, args: tuple, kwargs: dict, what: str) -> None:
     """Traced variant over the replica group: no host sync, a device-side assert."""
     group = groups.replica
     mine = fingerprint(args, kwargs, comm_device(group))
-    table = fc.wait_tensor(fc.all_gather_tensor(mine, 0, group)).view(-1, 2)
+    table = fc.wait_tensor(_all_gather_dim0(mine, 0, group)).view(-1, 2)
     torch._assert_async((table == table[:1]).all(),
                         _mismatch_message(groups.replica_ranks, "see the eager-mode error for shapes", what))
 

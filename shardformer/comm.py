@@ -9,6 +9,17 @@ than graph-breaking on c10d calls. A group of size 1 makes every op the identity
     reduce_from_group  all-reduce (sum)           identity
     gather_from_group  all-gather, concat on dim  keep this rank's slice of dim
 
+Sequence ops (a sequence dim of true length S, zero-padded to S_pad, a multiple of the group
+size, in the split regions; the padding never leaves them):
+    split_seq          pad to S_pad, keep my chunk             all-gather, cut to S
+    gather_seq         all-gather, cut to S                    pad, reduce-scatter (partial
+                                                               grads) or keep my chunk
+    scatter_seq        pad to S_pad, reduce-scatter            all-gather, cut to S
+    (split_seq and gather_seq take a `grad_scale` for the sp axis: see sequence_parallel/)
+    all_to_all         chunk scatter_dim over the group,        the inverse all-to-all
+                       concat what arrives on gather_dim
+    sum_over           all-reduce (sum)                        identity times grad_scale
+
 Outside autograd: `all_reduce_no_grad` (statistics), and `agree_on_failure` / `raise_if_failed`,
 which make a collective entry point of the library fail on every rank or on none: a rank that
 hit an error still takes part in one small collective saying so, and every rank then raises
@@ -22,8 +33,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-# Newer torch names it all_gather_single (all_gather_tensor is deprecated); same semantics.
+# Newer torch names them *_single (*_tensor are deprecated); same semantics.
 _all_gather_dim0 = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
+_reduce_scatter_dim0 = getattr(fc, "reduce_scatter_single", None) or fc.reduce_scatter_tensor
 
 
 def _all_reduce(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
@@ -41,6 +53,21 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 def _local_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     return x.chunk(world, dim=dim)[rank].contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    moved = x.movedim(dim, 0).contiguous()
+    return fc.wait_tensor(_reduce_scatter_dim0(moved, "sum", 0, group)).movedim(0, dim)
+
+
+def _pad_to_multiple(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    pad = -x.shape[dim] % world
+    if not pad:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -73,6 +100,109 @@ class _GatherFromGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _local_slice(grad, ctx.dim, ctx.group), None, None
+
+
+def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x if scale == 1 else x * scale
+
+
+class _SplitSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group, grad_scale):
+        ctx.dim, ctx.group, ctx.full, ctx.grad_scale = dim, group, x.shape[dim], grad_scale
+        return _local_slice(_pad_to_multiple(x, dim, group), dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = _all_gather(grad, ctx.dim, ctx.group).narrow(ctx.dim, 0, ctx.full)
+        return _scaled(full, ctx.grad_scale), None, None, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, full, group, reduce_grad, grad_scale):
+        ctx.dim, ctx.group, ctx.reduce_grad, ctx.grad_scale = dim, group, reduce_grad, grad_scale
+        return _all_gather(x, dim, group).narrow(dim, 0, full)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = _pad_to_multiple(grad, ctx.dim, ctx.group)
+        local = _reduce_scatter(grad, ctx.dim, ctx.group) if ctx.reduce_grad else _local_slice(grad, ctx.dim, ctx.group)
+        return _scaled(local, ctx.grad_scale), None, None, None, None, None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group, ctx.full = dim, group, x.shape[dim]
+        return _reduce_scatter(_pad_to_multiple(x, dim, group), dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim, ctx.group).narrow(ctx.dim, 0, ctx.full), None, None
+
+
+def split_seq(x: torch.Tensor, dim: int, group, grad_scale: float = 1.0) -> torch.Tensor:
+    """This rank's chunk of the (zero-padded) sequence; backward all-gathers the gradient (times
+    `grad_scale`)."""
+    return x if group_size(group) == 1 else _SplitSeq.apply(x, dim, group, grad_scale)
+
+
+def gather_seq(x: torch.Tensor, dim: int, full: int, group, reduce_grad: bool = True,
+               grad_scale: float = 1.0) -> torch.Tensor:
+    """The whole sequence (true length `full`) from every rank's chunk. Backward: the gradient is
+    reduce-scattered when each rank's is partial (`reduce_grad`, e.g. the input of a
+    column-parallel linear), else each rank keeps its chunk (replicated computation after it);
+    then times `grad_scale`."""
+    return x if group_size(group) == 1 else _GatherSeq.apply(x, dim, full, group, reduce_grad, grad_scale)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    stacked = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
+    received = fc.wait_tensor(fc.all_to_all_single(stacked, None, None, group))
+    return torch.cat(received.unbind(0), dim=gather_dim)
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    """Chunk `scatter_dim` over the group (chunk j to rank j) and concatenate what arrives along
+    `gather_dim` (in rank order); backward is the inverse all-to-all. `scatter_dim`'s size must
+    divide by the group size."""
+    return x if group_size(group) == 1 else _AllToAll.apply(x, scatter_dim, gather_dim, group)
+
+
+class _SumScaled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, grad_scale):
+        ctx.grad_scale = grad_scale
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _scaled(grad, ctx.grad_scale), None, None
+
+
+def sum_over(x: torch.Tensor, group, grad_scale: float = 1.0) -> torch.Tensor:
+    """All-reduce (sum) in forward; backward passes the gradient on times `grad_scale`."""
+    return x if group_size(group) == 1 else _SumScaled.apply(x, group, grad_scale)
+
+
+def scatter_seq(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum partial results over the group, each rank keeping its sequence chunk (the output of
+    a row-parallel linear); backward all-gathers the gradient."""
+    return x if group_size(group) == 1 else _ScatterSeq.apply(x, dim, group)
 
 
 def group_size(group) -> int:

@@ -22,8 +22,10 @@ class ShardConfig:
     Args:
         tp_size: tensor-parallel degree (attention heads, MLP and vocabulary are split over it).
         pp_size: pipeline-parallel degree (not built yet: values other than 1 raise NotImplementedError).
-        sp_size: sequence-parallel degree (not built yet).
-        sp_mode: "split_gather" | "all_to_all" | "ring" (not built yet).
+        sp_size: sequence-parallel degree of the sp axis (all_to_all; ring is not built yet).
+        sp_mode: None; "split_gather" (Megatron sequence parallelism on the tp group: needs
+            tp_size > 1, sp_size stays 1); "all_to_all" (Ulysses on the sp axis: needs
+            sp_size > 1); "ring" is not built yet.
         pp_schedule: "gpipe" | "1f1b" | "interleaved" | "zbv"; only meaningful with pp_size > 1.
         num_microbatches: pipeline microbatches; only meaningful with pp_size > 1.
         zero_stage: 0 (plain data parallel) or 1/2/3 (not built yet).
@@ -72,6 +74,15 @@ class ShardConfig:
                 raise ValueError(f"ShardConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.sp_size > 1 and self.sp_mode is None:
             raise ValueError("ShardConfig.sp_size > 1 needs ShardConfig.sp_mode (one of %s)" % (SP_MODES,))
+        if self.sp_mode in ("all_to_all", "ring") and self.sp_size < 2:
+            raise ValueError(f"ShardConfig.sp_mode={self.sp_mode!r} splits the sequence over the sp axis: it needs "
+                             f"ShardConfig.sp_size > 1 (got {self.sp_size})")
+        if self.sp_mode == "split_gather" and self.sp_size != 1:
+            raise ValueError("ShardConfig.sp_mode='split_gather' runs on the tensor-parallel group: leave "
+                             f"ShardConfig.sp_size at 1 (got {self.sp_size})")
+        if self.sp_mode == "split_gather" and self.tp_size < 2:
+            raise ValueError("ShardConfig.sp_mode='split_gather' splits the sequence over the tensor-parallel "
+                             f"group: it needs ShardConfig.tp_size > 1 (got {self.tp_size})")
         self._refuse_unbuilt()
 
     def _refuse_unbuilt(self):
@@ -80,8 +91,7 @@ class ShardConfig:
             "pp_size": (self.pp_size != 1, "pipeline parallelism"),
             "pp_schedule": (self.pp_schedule != "1f1b", "pipeline schedules"),
             "num_microbatches": (self.num_microbatches is not None, "pipeline microbatching"),
-            "sp_size": (self.sp_size != 1, "sequence parallelism"),
-            "sp_mode": (self.sp_mode is not None, "sequence parallelism"),
+            "sp_mode": (self.sp_mode == "ring", "ring attention"),
             "zero_stage": (self.zero_stage != 0, "the ZeRO optimizer"),
         }
         for field_name, (is_set, feature) in unbuilt.items():

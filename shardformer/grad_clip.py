@@ -3,8 +3,8 @@
 The norm is that of the unsharded model's gradient: each rank adds the norm terms of the
 gradient entries it holds, weighting each entry by 1 / (number of ranks of its replica holding
 it, `ShardSpec.replicas`) so that it counts once per replica. One all-reduce over the whole world
-sums them; every data-parallel replica holds the same (reduced) gradients, so the sum is divided
-by dp (for the inf-norm the max needs no division). Same clip rule as
+sums them; every data-parallel (and sequence-parallel) copy holds the same reduced gradients, so
+the sum is divided by dp x sp (for the inf-norm the max needs no division). Same clip rule as
 `torch.nn.utils.clip_grad_norm_`: grads *= min(1, max_norm / (total_norm + 1e-6)).
 
 The same all-reduce carries a failure flag: a rank that cannot compute its part still joins it,
@@ -38,7 +38,8 @@ def _local_norm_term(model, norm_type: float, device) -> tuple[list[torch.Tensor
 
 def clip_grad_norm_(model: torch.nn.Module, max_norm: float, dp: int, norm_type: float = 2.0) -> torch.Tensor:
     """Clip gradients in place by their global norm; return that norm (before clipping).
-    `dp`: the data-parallel degree. Every rank of the world must call this."""
+    `dp`: how many ranks hold identical copies of each gradient entry beyond the tp copies
+    (`ParallelGroups.data_size`). Every rank of the world must call this."""
     norm_type = float(norm_type)
     group = None  # the world
     device = comm_device(group)

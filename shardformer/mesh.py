@@ -92,6 +92,9 @@ class ParallelGroups:
         `replica_rows` lists the ranks of every replica.
     blocks: {n: this rank's group of n consecutive tp ranks} for the replica sizes of
         parameters replicated inside the tp group (`ShardSpec.replicas`).
+    data: the ranks over which gradients are averaged: dp x sp (sequence-parallel ranks see
+        different tokens of one batch, like data-parallel ranks see different batches; their
+        gradients are carried scaled by sp so that the mean is the sum over sp).
     """
 
     mesh: DeviceMesh
@@ -99,6 +102,7 @@ class ParallelGroups:
     replica_ranks: list[int]
     replica_rows: list[list[int]]
     blocks: dict[int, object] = field(default_factory=dict)
+    data: object = None
 
     @property
     def tp(self):
@@ -108,8 +112,17 @@ class ParallelGroups:
     def dp(self):
         return self.mesh.get_group("dp")
 
+    @property
+    def sp(self):
+        return self.mesh.get_group("sp")
+
     def size(self, axis: str) -> int:
         return self.mesh.size(list(self.mesh.mesh_dim_names).index(axis))
+
+    @property
+    def data_size(self) -> int:
+        """Ranks holding identical (reduced) gradients of every parameter: dp x sp."""
+        return self.size("dp") * self.size("sp")
 
     def block(self, replicas: int):
         """The group of `replicas` consecutive tp ranks holding the same piece as this rank."""
@@ -123,6 +136,7 @@ def build_groups(mesh: DeviceMesh, block_sizes=()) -> ParallelGroups:
     me = dist.get_rank()
     mine = next(row for row in replica_rows if me in row)
     groups = ParallelGroups(mesh, new_subgroups(replica_rows), mine, replica_rows)
+    groups.data = groups.dp if groups.size("sp") == 1 else new_subgroups(_rows(mesh, ("dp", "sp")))
     tp = groups.size("tp")
     for n in sorted(set(block_sizes)):
         if 1 < n < tp:

@@ -1,7 +1,7 @@
 """All validation of a layout against a model, with no collective and no change to the model.
 
 `plan_layout` checks the world against the config, resolves the policy against the model for
-every parallelism (today tensor parallelism and the fused kernels) and returns what to apply.
+every parallelism (today tensor and split-gather sequence parallelism, and the fused kernels) and returns what to apply.
 Every impossible layout is a ValueError naming the config field and the model attribute (or the
 policy entry); `shard_model` has all ranks agree on the outcome before its first other collective.
 """
@@ -14,18 +14,20 @@ from torch import nn
 from .config import ShardConfig
 from .fusion import plan_fused_kernels
 from .mesh import check_world
+from .sequence_parallel import SplitGatherPlan, UlyssesPlan, plan_split_gather, plan_ulysses
 from .tensor_parallel.plan import TensorParallelPlan, plan_tensor_parallel
 
 
 @dataclass
 class LayoutPlan:
-    """What `shard_model` applies, in this order: `kernels`, then `tp`."""
+    """What `shard_model` applies, in this order: `kernels`, `tp`, `sp`."""
 
     config: ShardConfig
     policy: object
     dp: int
     tp: TensorParallelPlan
     kernels: list  # (path, module, builder) from plan_fused_kernels; [] without fused kernels
+    sp: SplitGatherPlan | UlyssesPlan | None = None
 
 
 def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) -> LayoutPlan:
@@ -37,4 +39,9 @@ def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) 
             f"ShardConfig.gradient_checkpointing=True but {type(model).__name__}.supports_gradient_checkpointing is False"
         )
     kernels = plan_fused_kernels(model, policy, tp.layers_path, tp.base_path) if config.enable_fused_kernels else []
-    return LayoutPlan(config, policy, dp, tp, kernels)
+    sp = None
+    if config.sp_mode == "split_gather":
+        sp = plan_split_gather(model, policy, tp)
+    elif config.sp_mode == "all_to_all":
+        sp = plan_ulysses(model, policy, tp, config)
+    return LayoutPlan(config, policy, dp, tp, kernels, sp)

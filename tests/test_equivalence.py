@@ -36,24 +36,28 @@ def _loss(model, family, ids, labels):
 
 
 def check_equivalence(family, tp, tied=False, steps=1, gradient_checkpointing=False, rows_per_rank=2,
-                      fused=True, **overrides):
+                      fused=True, sp_mode=None, seq=12, sp=1, **overrides):
     """On every rank: shard a copy of the reference, run fwd+bwd (+AdamW) on this dp rank's rows,
     compare with the reference run on all rows. Returns the worst relative error."""
     ref = build(family, tied=tied, **overrides)
-    cfg = sf.ShardConfig(tp_size=tp, gradient_checkpointing=gradient_checkpointing, enable_fused_kernels=fused)
+    cfg = sf.ShardConfig(tp_size=tp, gradient_checkpointing=gradient_checkpointing, enable_fused_kernels=fused,
+                         sp_mode=sp_mode, sp_size=sp)
     model = sf.shard_model(copy.deepcopy(ref), config=cfg)
     layer = model.base_model.layers[0]
     assert isinstance(layer.mlp, FusedSwiGLUMLP) == fused and isinstance(layer.input_layernorm, FusedRMSNorm) == fused
     assert isinstance(model.base_model.norm, FusedRMSNorm) == fused
     model.train(), ref.train()
     mesh = model.sf_mesh
+    chunks = []  # the sequence length each decoder layer outputs: a chunk under sequence parallelism
+    model.base_model.layers[-1].register_forward_hook(lambda m, a, out: chunks.append(
+        (out[0] if isinstance(out, tuple) else out).shape[1]))
     dp, dp_rank = mesh["dp"].size(), mesh.get_local_rank("dp")
     mine = slice(rows_per_rank * dp_rank, rows_per_rank * (dp_rank + 1))
     ref_opt = torch.optim.AdamW(ref.parameters(), **ADAMW)
     opt = torch.optim.AdamW(model.parameters(), **ADAMW)
     errs = {}
     for step in range(steps):
-        ids, labels = batch(rows_per_rank * dp, seed=step + 1, vocab=ref.config.vocab_size)
+        ids, labels = batch(rows_per_rank * dp, seq=seq, seed=step + 1, vocab=ref.config.vocab_size)
         ref_loss = _loss(ref, family, ids, labels)
         ref_loss.backward()
         if family in ("llama-model",):
@@ -65,6 +69,8 @@ def check_equivalence(family, tp, tied=False, steps=1, gradient_checkpointing=Fa
         else:
             loss = model.forward_backward(input_ids=ids[mine], labels=labels[mine]) if family != "llama-seqcls" \
                 else model.forward_backward(input_ids=ids[mine], labels=ids[mine, 0] % 2)
+        split = {"split_gather": tp, "all_to_all": sp}.get(sp_mode, 1)
+        assert chunks[-1] == -(-seq // split), (chunks[-1], seq, split)  # the sequence really was split
         errs[f"step{step}/loss"] = rel_err(loss, ref_loss.detach())
         errs |= {f"step{step}/grad/{name}": err for name, err in grad_errors(model, ref).items()}
         for o in (ref_opt, opt):
@@ -113,11 +119,11 @@ def test_without_fused_kernels(pools, tp):
     assert max(pools(tp).run(check_equivalence, "llama", tp, False, 1, False, 2, False)) <= TOL
 
 
-def check_logits_without_labels(tp):
+def check_logits_without_labels(tp, sp_mode=None):
     """Without labels the user gets full-vocabulary logits (no padding); with labels in eval mode
     the logits stay this rank's vocab slice; in training with fused kernels there are none."""
     ref = build("llama", tied=True)
-    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(tp_size=tp))
+    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(tp_size=tp, sp_mode=sp_mode))
     ids, labels = batch(2)
     full = model(input_ids=ids).logits
     assert full.shape == (2, 12, 250), full.shape
@@ -134,11 +140,16 @@ def check_logits_without_labels(tp):
     assert rel_err(local, expect) <= TOL
     greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids[:1, :5], **greedy), ref.generate(ids[:1, :5], **greedy))
+    if sp_mode is not None:  # the layers' hidden states are sequence chunks: refused, not returned
+        with pytest.raises(ValueError, match="output_hidden_states"):
+            model(input_ids=ids, output_hidden_states=True)
     return err
 
 
-def test_logits(pools):
-    pools(4).run(check_logits_without_labels, 4)
+@pytest.mark.parametrize("sp_mode", [None, "split_gather"])
+def test_logits(pools, sp_mode):
+    """Also with the sequence split: generate's one-token steps are padded inside the split."""
+    pools(4).run(check_logits_without_labels, 4, sp_mode)
 
 
 def check_forward_paths(tp):
@@ -302,3 +313,54 @@ def check_policy_built_at_run_time(tp):
 
 def test_policy_built_at_run_time(pools):
     pools(2).run(check_policy_built_at_run_time, 2)
+
+
+@pytest.mark.parametrize("tp,seq,tied", [(2, 12, True), (2, 9, False), (4, 12, False), (4, 10, True)])
+def test_split_gather_sequence_parallel(pools, tp, seq, tied):
+    """sp_mode="split_gather" (Megatron sequence parallelism on the tp group): loss, every
+    gradient and every weight after AdamW equal the unsharded model's; GQA (2 KV heads, so tp=4
+    replicates them); sequence lengths that tp divides and that it does not (padded inside)."""
+    assert max(pools(tp).run(check_equivalence, "llama", tp, tied, 2, False, 2, True, "split_gather", seq)) <= TOL
+
+
+def test_split_gather_with_checkpointing_and_without_fused_kernels(pools):
+    """split_gather with HF's gradient checkpointing (the layers re-run their split hooks), and
+    with the unfused vocab-parallel loss on gathered logits."""
+    assert max(pools(2).run(check_equivalence, "llama", 2, False, 1, True, 2, True, "split_gather", 11)) <= TOL
+    assert max(pools(2).run(check_equivalence, "llama", 2, True, 1, False, 2, False, "split_gather", 11)) <= TOL
+
+
+# (world, tp, sp, seq, tied): sp alone (2 and 4), with dp = 2, with tp = 2 (KV heads repeated: 2 KV
+# heads over tp 2 leave one per rank, fewer than sp); lengths sp divides and does not
+ULYSSES = [(2, 1, 2, 12, True), (4, 1, 4, 10, False), (4, 1, 2, 9, False), (4, 2, 2, 11, True)]
+
+
+@pytest.mark.parametrize("world,tp,sp,seq,tied", ULYSSES)
+def test_ulysses_sequence_parallel(pools, world, tp, sp, seq, tied):
+    """sp_mode="all_to_all": loss, every gradient and every weight after AdamW equal the
+    unsharded model's."""
+    worst = pools(world).run(check_equivalence, "llama", tp, tied, 2, False, 2, True, "all_to_all", seq, sp)
+    assert max(worst) <= TOL
+
+
+def test_ulysses_with_checkpointing_other_heads_and_without_fused_kernels(pools):
+    """all_to_all with HF's gradient checkpointing, with the unfused loss, and for a model without
+    an LM head (LlamaModel: its output gathered along the sequence) and a classifier."""
+    run = pools(2).run
+    assert max(run(check_equivalence, "llama", 1, False, 1, True, 2, True, "all_to_all", 11, 2)) <= TOL
+    assert max(run(check_equivalence, "llama", 1, True, 1, False, 2, False, "all_to_all", 11, 2)) <= TOL
+    for family in ("llama-model", "llama-seqcls"):
+        assert max(run(check_equivalence, family, 1, False, 1, False, 2, True, "all_to_all", 11, 2)) <= TOL
+
+
+def check_ulysses_refuses_cache():
+    model = sf.shard_model(build("llama"), config=sf.ShardConfig(sp_size=2, sp_mode="all_to_all"))
+    ids, _ = batch(1)
+    assert model(input_ids=ids).logits.shape == (1, 12, 250)  # whole logits without labels
+    with pytest.raises(ValueError, match="KV cache"):
+        model.generate(ids[:, :4], max_new_tokens=2, do_sample=False)
+    return True
+
+
+def test_ulysses_refuses_generate(pools):
+    pools(2).run(check_ulysses_refuses_cache)

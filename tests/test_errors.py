@@ -107,6 +107,9 @@ def check_head_divisibility():
                         "multiple of", "model.config.num_key_value_heads=3")
     wide = build("llama", intermediate_size=90)
     _expect_value_error(wide, sf.ShardConfig(tp_size=4), "ShardConfig.tp_size=4", "mlp.gate_proj.out_features=90")
+    six_sp = build("llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
+    _expect_value_error(six_sp, sf.ShardConfig(tp_size=1, sp_size=4, sp_mode="all_to_all"), "ShardConfig.sp_size=4",
+                        "model.config.num_attention_heads=6")
     return True
 
 
@@ -136,10 +139,23 @@ def test_config_validates_itself(field, value):
         sf.ShardConfig(**{field: value})
 
 
+@pytest.mark.parametrize("kwargs,field", [(dict(sp_mode="split_gather", tp_size=1), "tp_size"),
+                                          (dict(sp_mode="split_gather", tp_size=2, sp_size=2), "sp_size"),
+                                          (dict(sp_mode="all_to_all"), "sp_size"),
+                                          (dict(sp_mode="ring", sp_size=1), "sp_size")])
+def test_sequence_parallel_layout_errors(kwargs, field):
+    """split_gather runs on the tp group (tp_size > 1, sp_size stays 1); all_to_all and ring need
+    sp_size > 1; the error names the field."""
+    with pytest.raises(ValueError, match=f"ShardConfig.{field}"):
+        sf.ShardConfig(**kwargs)
+
+
 @pytest.mark.parametrize("field,value", [("pp_size", 2), ("zero_stage", 2), ("pp_schedule", "gpipe")])
 def test_unbuilt_features_are_named(field, value):
     with pytest.raises(NotImplementedError, match=f"ShardConfig.{field}"):
         sf.ShardConfig(**{field: value})
+    with pytest.raises(NotImplementedError, match="ShardConfig.sp_mode='ring'"):
+        sf.ShardConfig(sp_mode="ring", sp_size=2)
 
 
 def check_out_of_range_ids(fused):

@@ -7,7 +7,9 @@ to `.grad`, with or without `no_sync()`, with or without `zero_grad()` in betwee
     on the parameter, before it is accumulated into `.grad`. This is model-parallel math, so it
     runs under `no_sync()` too; summing `.grad` itself would count earlier backwards again.
   * Data parallelism: every parameter is averaged over the dp group (sum, then / dp), bucketed
-    and overlapped with backward as DDP does. A mean of identical values is the value, so
+    and overlapped with backward as DDP does; with sequence parallelism over the dp x sp group
+    (`ParallelGroups.data`: gradients inside the sequence split arrive scaled by sp, so this mean
+    is the sum over sp and the mean over dp). A mean of identical values is the value, so
     averaging the accumulated `.grad` adds exactly the mean of the new part.
 Parameters are packed into buckets of about `bucket_mb` in reverse registration order (roughly
 the order gradients are produced); a bucket's all-reduce is launched asynchronously as soon as
@@ -57,7 +59,7 @@ class GradReducer:
         self._queued = False
         # buckets launched while backward was still running vs at its end (overlap evidence)
         self.launches = {"during_backward": 0, "at_end": 0}
-        dp = groups.size("dp")
+        dp = groups.data_size  # dp x sp
         by_dtype: dict = {}
         self._handles = []
         for _, param, spec in reversed(list(sharded_parameters(model))):
@@ -70,7 +72,7 @@ class GradReducer:
         cap = int(bucket_mb * 2**20)
         self.buckets: list[_Bucket] = []
         self._bucket_of = {}
-        group = groups.dp
+        group = groups.data
         for params in by_dtype.values():
             current, size = [], 0
             for p in params:

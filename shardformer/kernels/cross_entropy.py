@@ -159,7 +159,8 @@ def _ext_chunk_grad(logits, lse, target_local, vocab_valid: int, row_scale):
 
 
 def _loop(hidden, weight, target, ignore_index, chunk_size, mean, need_h, need_w,
-          group, vocab_start, vocab_valid, compute_dtype, stats_fn, grad_fn, acc_fn=_torch_accumulate):
+          group, vocab_start, vocab_valid, compute_dtype, stats_fn, grad_fn, acc_fn=_torch_accumulate,
+          reduce_grad_hidden=True):
     """The chunk loop; returns ``(loss fp32 scalar, grad_hidden | None, grad_weight fp32 | None)``.
     ``acc_fn(acc, a, b)`` adds ``a @ b`` into the fp32 weight gradient."""
     n, h_dim = hidden.shape
@@ -196,7 +197,7 @@ def _loop(hidden, weight, target, ignore_index, chunk_size, mean, need_h, need_w
                 acc_fn(grad_w, g.t(), h)
             del g
         del logits
-    if need_h and group is not None:
+    if need_h and group is not None and reduce_grad_hidden:
         grad_h = all_reduce_no_grad(grad_h, group, "sum")
     loss = loss / n_valid if mean else loss
     return loss, grad_h, grad_w
@@ -212,7 +213,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target, ignore_index, chunk_size, mean, group,
-                vocab_start, vocab_valid, compute_dtype, use_ext):
+                vocab_start, vocab_valid, compute_dtype, use_ext, reduce_grad_hidden=True):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):
             if use_ext and group is None and vocab_start == 0:  # the C++ loop has no vocab offset
@@ -227,7 +228,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 acc_fn = _addmm_fp32_ if use_ext else _torch_accumulate
                 loss, gh, gw = _loop(hidden, weight, target, ignore_index, chunk_size, mean, need_h,
                                      need_w, group, vocab_start, vocab_valid, compute_dtype,
-                                     stats_fn, grad_fn, acc_fn)
+                                     stats_fn, grad_fn, acc_fn, reduce_grad_hidden)
         ctx.save_for_backward(
             gh.to(hidden.dtype) if gh is not None else None,
             gw.to(weight.dtype) if gw is not None else None,
@@ -239,7 +240,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         gh, gw = ctx.saved_tensors
         gh = gh * grad_out.to(gh.dtype) if gh is not None else None
         gw = gw * grad_out.to(gw.dtype) if gw is not None else None
-        return gh, gw, None, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -253,6 +254,7 @@ def linear_cross_entropy(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     use_cuda: bool = False,
+    reduce_grad_hidden: bool = True,
 ) -> torch.Tensor:
     """``F.cross_entropy((hidden @ weight.T).float(), target)`` without the full logits.
 
@@ -260,7 +262,9 @@ def linear_cross_entropy(
     ``"sum"`` (``"none"`` cannot be fused: the weight gradient is pre-summed). Under autocast the
     matmul runs in the autocast dtype, as ``lm_head`` would. See the module docstring for the
     vocab-parallel arguments. ``use_cuda`` selects the CUDA kernels (``ops.linear_cross_entropy``
-    sets it when the tensors are on CUDA and the extension loads).
+    sets it when the tensors are on CUDA and the extension loads). ``reduce_grad_hidden=False``
+    leaves ``hidden``'s gradient partial over ``process_group`` (its caller reduces it, e.g. a
+    sequence-parallel gather's reduce-scatter).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -287,4 +291,4 @@ def linear_cross_entropy(
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     return LinearCrossEntropyFunction.apply(
         hidden, weight, target.long(), ignore_index, chunk_size, reduction == "mean", process_group,
-        vocab_start, vocab_valid, compute_dtype, use_cuda)
+        vocab_start, vocab_valid, compute_dtype, use_cuda, reduce_grad_hidden)

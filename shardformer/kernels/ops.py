@@ -235,7 +235,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def linear_cross_entropy(hidden, weight, target, ignore_index: int = -100, reduction: str = "mean",
                          chunk_size: int | None = None, process_group=None, vocab_start: int = 0,
-                         vocab_size: int | None = None):
+                         vocab_size: int | None = None, reduce_grad_hidden: bool = True):
     """Chunked ``F.cross_entropy(hidden @ weight.T, target)``; see ``cross_entropy.py``."""
     return _linear_cross_entropy(hidden, weight, target, ignore_index, reduction, chunk_size,
-                                 process_group, vocab_start, vocab_size, use_cuda=_use_cuda(hidden, weight))
+                                 process_group, vocab_start, vocab_size, use_cuda=_use_cuda(hidden, weight),
+                                 reduce_grad_hidden=reduce_grad_hidden)

@@ -29,13 +29,16 @@ def _copy_output_to(group):
     return hook
 
 
-def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, policy, group, tp_rank: int) -> None:
-    """Substitute the planned modules (see module docstring)."""
+def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, policy, group, tp_rank: int) -> dict:
+    """Substitute the planned modules (see module docstring). Returns {producer path: handle of
+    the hook that hands its output to the tp group}, for a later stage (sequence parallelism)
+    to replace."""
+    handles = {}
     for path, spec in plan.specs.items():
         cls = ColumnParallelLinear if plan.kinds[path] == "column" else RowParallelLinear
         policy.replace(model, path, cls.from_linear(model.get_submodule(path), spec, group, tp_rank))
     for owner, linears in plan.input_copies.items():
-        model.get_submodule(owner).register_forward_hook(_copy_output_to(group))
+        handles[owner] = model.get_submodule(owner).register_forward_hook(_copy_output_to(group))
         for path in linears:
             model.get_submodule(path).copy_input = False
     for path, attrs in plan.attention_attrs.items():
@@ -54,3 +57,4 @@ def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, policy, gr
         )
         policy.replace(model, plan.head_path, head)
         model.loss_function = partial(LOSSES[policy.loss], head=head)
+    return handles

@@ -9,6 +9,10 @@ ColumnParallelLinear splits `out` (W rows and b): rank r computes y[..., out_r].
 RowParallelLinear splits `in` (W columns); its input is already split on the last dim.
     forward: all-reduce (sum) of the partial x_r W_r^T over the tp group, then + b (b replicated)
     backward: identity on dL/dy, no collective
+  With `sequence_dim` set (sequence parallelism, sp_mode="split_gather"):
+    forward: reduce-scatter of the partial products along the sequence (each rank keeps its
+             chunk), then + b (b's gradient is then partial: summed by the reducer)
+    backward: all-gather of dL/dy along the sequence
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..comm import copy_to_group, gather_from_group, reduce_from_group
+from ..comm import copy_to_group, gather_from_group, reduce_from_group, scatter_seq
 from ..sharding import ShardSpec, record_specs, split_parameter
 
 
@@ -53,6 +57,8 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """Linear layer with its input features split over the tp group (see module docstring)."""
 
+    sequence_dim: int | None = None
+
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: ShardSpec, group):
         super().__init__()
         self.weight, self.bias, self.group = weight, bias, group
@@ -64,7 +70,11 @@ class RowParallelLinear(nn.Module):
         return cls(split_parameter(linear.weight, spec, tp_rank), linear.bias, spec, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_group(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        if self.sequence_dim is None:
+            y = reduce_from_group(y, self.group)
+        else:
+            y = scatter_seq(y, self.sequence_dim, self.group)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

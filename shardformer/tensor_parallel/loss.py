@@ -112,6 +112,7 @@ def fused_causal_lm_loss(hidden, head, labels, shift_labels=None, num_items_in_b
         reduction="mean" if num_items_in_batch is None else "sum",
         process_group=head.group if group_size(head.group) > 1 else None,
         vocab_start=head.vocab_start, vocab_size=head.vocab_size,
+        reduce_grad_hidden=head.copy_input,  # False: a sequence-parallel gather reduces it
     )
     if num_items_in_batch is None:
         return total_or_mean

@@ -42,12 +42,21 @@ def _fused_loss_applies(model, head, kwargs) -> bool:
             and kwargs.get("logits_to_keep", 0) == 0)
 
 
-def run_forward(model, hf_forward, args: tuple, kwargs: dict, takes_return_dict: bool = True):
+def run_forward(model, hf_forward, args: tuple, kwargs: dict, takes_return_dict: bool = True, sequence=None):
     """HF's `hf_forward(model, *args, **kwargs)` with the output handling of the module docstring;
-    `takes_return_dict`: `accepts_return_dict(hf_forward)`, computed once by the caller."""
+    `takes_return_dict`: `accepts_return_dict(hf_forward)`, computed once by the caller;
+    `sequence`: the sp axis's per-call handling (`sequence_parallel.UlyssesCalls`), or None."""
     head, group = model.sf_lm_head, model.sf_mesh.get_group("tp")
+    full = None
+    if sequence is not None:
+        kwargs, full = sequence.prepare(kwargs, args)
+    if model.sf_config.sp_mode == "split_gather" and kwargs.get("output_hidden_states"):
+        raise ValueError("output_hidden_states=True is not supported with ShardConfig.sp_mode='split_gather' "
+                         "yet (the layers' hidden states are sequence chunks); use sp_mode=None to inspect them")
     as_tuple = takes_return_dict and _wants_tuple(model, kwargs)
-    call = dict(kwargs, return_dict=True) if as_tuple else dict(kwargs)
+    call = {k: v for k, v in kwargs.items() if not k.startswith("sf_")}  # sf_*: shardformer's own notes
+    if as_tuple:
+        call["return_dict"] = True
     fused = _fused_loss_applies(model, head, kwargs)
     if fused:
         loss_args = {name: call.pop(name) for name in _LOSS_ARGS if name in call}
@@ -69,4 +78,6 @@ def run_forward(model, hf_forward, args: tuple, kwargs: dict, takes_return_dict:
         out.logits = head.gather_logits(out.logits)
     if getattr(out, "attentions", None) is not None:
         out.attentions = tuple(None if a is None else gather_from_group(a, 1, group) for a in out.attentions)
+    if sequence is not None:
+        out = sequence.finish(out, kwargs, full)
     return out.to_tuple() if as_tuple else out

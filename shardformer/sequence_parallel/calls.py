@@ -1,0 +1,80 @@
+"""One call of an sp-axis (Ulysses) model: its inputs split, its loss and outputs made whole.
+
+`UlyssesCalls.prepare(model, kwargs)` runs before HF's forward:
+  * labels: shifted on the whole sequence (or `shift_labels` as given), padded with the ignore
+    index to a multiple of sp, and this rank's chunk passed as `shift_labels`; the count of
+    targets of the whole batch goes as `num_items_in_batch` (unless given), so each rank's loss
+    is the sum over its tokens divided by the whole batch's count;
+  * the KV cache is off (`use_cache=False`); a call that brings one or asks for it
+    (`generate`) is refused;
+  * `logits_to_keep` is applied after the logits are gathered (each rank holds a chunk).
+`finish(model, out, prepared)` runs after it:
+  * the loss: the ranks' parts summed over sp (backward: times sp, the gradient convention of
+    `ulysses.py`);
+  * logits without labels: gathered along the sequence (cut to its true length).
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..comm import gather_seq, sum_over
+from .ulysses import SEQ_DIM
+
+
+class UlyssesCalls:
+    """Per-call input / output handling of a Ulysses-sharded model (holds no per-call state)."""
+
+    def __init__(self, group, sp: int, rank: int, has_lm_head: bool):
+        self.group, self.sp, self.rank, self.has_lm_head = group, sp, rank, has_lm_head
+
+    def prepare(self, kwargs: dict, args: tuple) -> tuple[dict, int]:
+        """(the kwargs to call HF with, the true sequence length)."""
+        if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+            raise ValueError("sp_mode='all_to_all' does not support a KV cache (generate); run generation on a "
+                             "model sharded without sequence parallelism")
+        if kwargs.get("output_hidden_states"):
+            raise ValueError("output_hidden_states=True is not supported with ShardConfig.sp_mode='all_to_all' yet "
+                             "(the layers' hidden states are sequence chunks)")
+        source = kwargs.get("input_ids", args[0] if args else None)
+        if source is None:
+            source = kwargs.get("inputs_embeds")
+        full = source.shape[1]
+        kwargs = dict(kwargs, use_cache=False)
+        keep = kwargs.pop("logits_to_keep", 0)
+        if not (isinstance(keep, int) and keep == 0):
+            kwargs["sf_logits_to_keep"] = keep
+        labels = kwargs.get("labels")
+        if labels is not None and self.has_lm_head:
+            ignore = kwargs.get("ignore_index", -100)
+            targets = kwargs.get("shift_labels")
+            if targets is None:
+                targets = F.pad(labels, (0, 1), value=ignore)[..., 1:]
+            if kwargs.get("num_items_in_batch") is None:
+                kwargs["num_items_in_batch"] = (targets != ignore).sum()
+            padded = F.pad(targets, (0, -targets.shape[-1] % self.sp), value=ignore)
+            kwargs["shift_labels"] = padded.chunk(self.sp, dim=-1)[self.rank].contiguous()
+        return kwargs, full
+
+    def finish(self, out, kwargs: dict, full: int):
+        """The whole loss and, without labels, the whole sequence of logits."""
+        if getattr(out, "loss", None) is not None and self.has_lm_head:
+            out.loss = sum_over(out.loss, self.group, grad_scale=self.sp)
+        logits = getattr(out, "logits", None)
+        if logits is not None and kwargs.get("labels") is None and self.has_lm_head:
+            logits = gather_seq(logits, SEQ_DIM, full, self.group, reduce_grad=False, grad_scale=self.sp)
+            keep = kwargs.get("sf_logits_to_keep", 0)
+            if isinstance(keep, int):
+                out.logits = logits[:, -keep:] if keep else logits
+            else:  # a tensor of positions, as transformers takes it
+                out.logits = logits[:, keep]
+        return out
+
+
+def gather_hidden_hook(group, sp: int, length):
+    """Forward hook for the final norm of a model without a vocab-parallel LM head: its output is
+    gathered along the sequence (backward: each rank keeps its chunk, times sp)."""
+
+    def hook(module, args, output):
+        return gather_seq(output, SEQ_DIM, length.full, group, reduce_grad=False, grad_scale=sp)
+
+    return hook

@@ -1,0 +1,170 @@
+"""Ulysses sequence parallelism on the sp axis (`sp_mode="all_to_all"`, DeepSpeed-Ulysses).
+
+Every rank of the sp group holds a chunk of the sequence everywhere except inside attention,
+where an all-to-all trades the sequence split for a head split and back. It composes with tp
+(heads split by tp, then by sp) and with dp. No HF forward is touched; the seams are:
+  * a forward pre-hook on each decoder layer: it reads the true sequence length S from the
+    layer's `position_embeddings` / `position_ids` argument and cuts `position_embeddings`
+    (cos, sin) to this rank's chunk; on the first layer it splits the hidden states
+    (`comm.split_seq`, zero-padded to a multiple of sp);
+  * transformers' attention registry: the model's attention implementation (sdpa, eager, ...)
+    is wrapped by `ulysses_attention` under a new name ("sf_ulysses_<inner>", with the inner
+    one's mask function): q, k, v [B, heads, S/sp, D] -> all-to-all -> [B, heads/sp, S, D]
+    (padding cut off, so the inner attention sees exactly S tokens and HF's own mask), the
+    inner attention, then the inverse all-to-all of the output. When a rank would hold fewer
+    than one KV head, KV heads are repeated before the all-to-all instead of refusing;
+  * the loss (see `sequence_parallel/loss.py`): labels are shifted on the whole sequence, then
+    each rank computes the loss of its own tokens divided by the count of the whole batch, and
+    the ranks' parts are summed.
+Gradient convention: a gradient entering the split region from a computation every sp rank
+repeats is multiplied by sp (the loss sum, an output gather), and the split at the first layer
+divides it by sp on the way out; so the gradient reducer's mean over dp x sp is the sum over
+sp of each rank's partial gradient (see `data_parallel/reducer.py`).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..comm import all_to_all, gather_from_group, split_seq
+from ..mesh import ParallelGroups
+
+SEQ_DIM = 1  # hidden states [batch, sequence, hidden]
+_HEADS, _ATTN_SEQ = 1, 2  # q, k, v as attention functions take them: [batch, heads, sequence, dim]
+
+
+@dataclass
+class UlyssesPlan:
+    layers: list[str]
+    attentions: list[str]
+    sp: int
+    kv_repeat: int  # repeat each local KV head this many times before the all-to-all
+    groups_after: int  # query heads per KV head once heads are split over sp
+
+
+def plan_ulysses(model: nn.Module, policy, tp_plan, config) -> UlyssesPlan:
+    """Validate Ulysses against the model (no collective): query heads must split over tp x sp;
+    KV heads are repeated where a rank would hold less than one."""
+    tp, sp = config.tp_size, config.sp_size
+    heads = getattr(model.config, policy.num_heads_attr)
+    kv_heads = getattr(model.config, policy.num_kv_heads_attr, None) or heads
+    if heads % (tp * sp):
+        raise ValueError(f"ShardConfig.tp_size={tp} x ShardConfig.sp_size={sp} does not divide "
+                         f"model.config.{policy.num_heads_attr}={heads} (sp_mode='all_to_all' splits heads by both)")
+    q_local = heads // tp
+    kv_local = max(1, kv_heads // tp)
+    kv_repeat = sp // math.gcd(kv_local, sp)
+    if not policy.attention_local_attrs:
+        raise policy.entry_error("attention_local_attrs", dict(policy.attention_local_attrs),
+                                 "must name the attention's per-rank head attributes for sp_mode='all_to_all'")
+    if tp_plan.head_path is None:
+        if not policy.final_norm:
+            raise policy.entry_error("final_norm", policy.final_norm, "must name the base model's final norm for "
+                                     "sp_mode='all_to_all' on a model without an LM head")
+        base = model.get_submodule(tp_plan.base_path.rstrip(".")) if tp_plan.base_path else model
+        policy.resolve(base, policy.final_norm, type(base).__name__, "final_norm")
+    layers = [f"{tp_plan.layers_path}.{i}" for i in range(len(model.get_submodule(tp_plan.layers_path)))]
+    return UlyssesPlan(layers, list(tp_plan.attention_attrs), sp, kv_repeat,
+                       (q_local // sp) // (kv_local * kv_repeat // sp))
+
+
+class _SequenceLength:
+    full = 0
+
+
+def _sequence_length(kwargs) -> int:
+    position_embeddings = kwargs.get("position_embeddings")
+    if position_embeddings is not None:
+        return position_embeddings[0].shape[-2]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        return position_ids.shape[-1]
+    raise RuntimeError("sp_mode='all_to_all' reads the sequence length from the decoder layer's "
+                       "position_embeddings or position_ids argument; this model passes neither")
+
+
+def _chunk(x: torch.Tensor, dim: int, sp: int, rank: int) -> torch.Tensor:
+    """This rank's chunk of x along dim after zero padding to a multiple of sp (no autograd op:
+    rotary cos/sin need no gradient)."""
+    pad = -x.shape[dim] % sp
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    return x.chunk(sp, dim=dim)[rank]
+
+
+def _layer_pre_hook(length: _SequenceLength, group, sp: int, rank: int, first: bool):
+    def hook(module, args, kwargs):
+        length.full = _sequence_length(kwargs)
+        kwargs = dict(kwargs)
+        cos_sin = kwargs.get("position_embeddings")
+        if cos_sin is not None:
+            kwargs["position_embeddings"] = tuple(_chunk(t, -2, sp, rank) for t in cos_sin)
+        if first:
+            if args:
+                args = (split_seq(args[0], SEQ_DIM, group, 1.0 / sp),) + tuple(args[1:])
+            else:
+                kwargs["hidden_states"] = split_seq(kwargs["hidden_states"], SEQ_DIM, group, 1.0 / sp)
+        return args, kwargs
+
+    return hook
+
+
+def _pad_seq(x: torch.Tensor, dim: int, sp: int) -> torch.Tensor:
+    pad = -x.shape[dim] % sp
+    if not pad:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def make_ulysses_attention(inner_name: str, group, sp: int):
+    """The attention function registered for a model whose attention was `inner_name`."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def ulysses_attention(module, query, key, value, attention_mask, **kwargs):
+        inner = ALL_ATTENTION_FUNCTIONS[inner_name] if inner_name in ALL_ATTENTION_FUNCTIONS else \
+            sys.modules[type(module).__module__].eager_attention_forward
+        full = module.sf_sequence_length.full
+        repeat = module.sf_kv_repeat
+        if repeat > 1:
+            key = key.repeat_interleave(repeat, dim=_HEADS)
+            value = value.repeat_interleave(repeat, dim=_HEADS)
+        q, k, v = (all_to_all(t, _HEADS, _ATTN_SEQ, group).narrow(_ATTN_SEQ, 0, full) for t in (query, key, value))
+        out, weights = inner(module, q, k, v, attention_mask, **kwargs)  # out: [B, S, heads/sp, D]
+        out = all_to_all(_pad_seq(out, 1, sp), 1, 2, group)  # -> [B, S_pad/sp, heads, D]
+        if weights is not None:  # [B, heads/sp, S, S] -> every head of this tp rank
+            weights = gather_from_group(weights, 1, group)
+        return out, weights
+
+    return ulysses_attention
+
+
+def apply_ulysses(model: nn.Module, plan: UlyssesPlan, groups: ParallelGroups) -> list:
+    """Install the hooks and the attention function (local: no collective); returns the
+    per-layer sequence-length holders (the last one serves the final norm)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    group, sp, rank = groups.sp, plan.sp, groups.mesh.get_local_rank("sp")
+    inner = model.config._attn_implementation or "eager"
+    name = f"sf_ulysses_{inner}"
+    ALL_ATTENTION_FUNCTIONS.register(name, make_ulysses_attention(inner, group, sp))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    lengths = [_SequenceLength() for _ in plan.layers]
+    for i, path in enumerate(plan.layers):
+        model.get_submodule(path).register_forward_pre_hook(_layer_pre_hook(lengths[i], group, sp, rank, i == 0),
+                                                            with_kwargs=True)
+    for i, path in enumerate(plan.attentions):
+        attention = model.get_submodule(path)
+        attention.sf_sequence_length, attention.sf_kv_repeat = lengths[i], plan.kv_repeat
+        if hasattr(attention, "num_key_value_groups"):
+            attention.num_key_value_groups = plan.groups_after
+    model.config._attn_implementation = name
+    return lengths
