@@ -8,8 +8,10 @@ split by tp) every rank sees the whole sequence. No HF forward is touched; the s
     the hidden states (`comm.split_seq`: zero-padded to a multiple of tp, this rank's chunk;
     backward all-gathers);
   * the hooks that hand each norm's output to its column-parallel linears (`Policy
-    .tp_input_copies`) become `comm.gather_seq`: all-gather along the sequence, cut to S
-    (backward: reduce-scatter, as the linears' input gradients are partial);
+    .tp_input_copies`) compute those linears at once (`_GatheredLinears`): one all-gather of the
+    sequence chunk, cut to S, one matmul per linear; only the chunk is kept for backward, which
+    gathers it again once and reduce-scatters the input gradient once (it is partial: each rank
+    holds other output features). Each linear then returns its precomputed output;
   * row-parallel linears reduce-scatter their partial products along the sequence instead of
     all-reducing them (backward: all-gather);
   * the final norm's output is gathered for the LM head (backward: reduce-scatter for the
@@ -23,9 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..comm import gather_seq, split_seq
+from ..comm import _all_gather, _pad_to_multiple, _reduce_scatter, gather_seq, split_seq
 from ..sharding import ShardSpec, record_specs
 
 SEQ_DIM = 1  # transformers' hidden states are [batch, sequence, hidden]
@@ -35,6 +39,7 @@ SEQ_DIM = 1  # transformers' hidden states are [batch, sequence, hidden]
 class SplitGatherPlan:
     layers: list[str]
     gathers: dict[str, int] = field(default_factory=dict)  # producer path -> layer index
+    consumers: dict[str, list[str]] = field(default_factory=dict)  # producer path -> column linears
     rows: dict[str, int] = field(default_factory=dict)  # row-parallel linear path -> layer index
     final_norm: str = ""
     head_input_partial: bool = True  # the final norm feeds a vocab-parallel head
@@ -62,6 +67,7 @@ def plan_split_gather(model: nn.Module, policy, tp_plan) -> SplitGatherPlan:
     return SplitGatherPlan(
         layers,
         gathers={owner: layer_of(owner) for owner in tp_plan.input_copies},
+        consumers={owner: list(targets) for owner, targets in tp_plan.input_copies.items()},
         rows={p: layer_of(p) for p, kind in tp_plan.kinds.items() if kind == "row"},
         final_norm=tp_plan.base_path + policy.final_norm,
         head_input_partial=tp_plan.head_path is not None,
@@ -98,6 +104,63 @@ def _layer_pre_hook(length: _SequenceLength, group, first: bool):
     return hook
 
 
+class _GatheredLinears(torch.autograd.Function):
+    """(gather(x), y_i = gather(x) W_i^T + b_i) for column-parallel linears sharing the sequence
+    chunk x; the gathered input is returned for HF's code to read shapes from (no gradient).
+        forward: one all-gather of x along the sequence (cut to `full`); saves x's chunk only
+        backward: one all-gather of the chunk again; dL/dx = sum_i dL/dy_i W_i, reduce-scattered
+                  along the sequence (padded to a multiple of the group)"""
+
+    @staticmethod
+    def forward(ctx, x, full, group, n, *weights_and_biases):
+        weights, biases = weights_and_biases[:n], weights_and_biases[n:]
+        gathered = _all_gather(x, SEQ_DIM, group).narrow(SEQ_DIM, 0, full)
+        ctx.full, ctx.group, ctx.n, ctx.has_bias = full, group, n, [b is not None for b in biases]
+        ctx.save_for_backward(x, *weights)
+        ctx.mark_non_differentiable(gathered)
+        return (gathered, *(F.linear(gathered, w, b) for w, b in zip(weights, biases)))
+
+    @staticmethod
+    def backward(ctx, _, *grads):
+        x, *weights = ctx.saved_tensors
+        gathered = _all_gather(x, SEQ_DIM, ctx.group).narrow(SEQ_DIM, 0, ctx.full)
+        flat = gathered.reshape(-1, gathered.shape[-1])
+        grad_x, grad_w, grad_b = None, [], []
+        for g, w, has_bias in zip(grads, weights, ctx.has_bias):
+            if g is None:
+                g = gathered.new_zeros(*gathered.shape[:-1], w.shape[0])
+            part = g @ w.to(g.dtype)
+            grad_x = part if grad_x is None else grad_x + part
+            g2 = g.reshape(-1, g.shape[-1])
+            grad_w.append((g2.t() @ flat.to(g2.dtype)).to(w.dtype))
+            grad_b.append(g2.sum(0) if has_bias else None)
+        grad_x = _reduce_scatter(_pad_to_multiple(grad_x, SEQ_DIM, ctx.group), SEQ_DIM, ctx.group)
+        return (grad_x.to(x.dtype), None, None, None, *grad_w, *grad_b)
+
+
+def _linears_hook(length: _SequenceLength, group, linears: list):
+    """Forward hook on a norm: compute its column-parallel linears from its sequence chunk; the
+    norm's output becomes the gathered sequence, which those linears receive and answer with
+    their precomputed outputs."""
+
+    def hook(module, args, output):
+        gathered, *outs = _GatheredLinears.apply(output, length.full, group, len(linears),
+                                                 *[lin.weight for lin in linears], *[lin.bias for lin in linears])
+        for linear, out in zip(linears, outs):
+            linear.sf_precomputed = (gathered, out)
+        return gathered
+
+    return hook
+
+
+def _refuse_other_input(path: str):
+    def refuse(x):
+        raise RuntimeError(f"sp_mode='split_gather': {path} was called with an input other than its norm's output "
+                           "(the policy's tp_input_copies says the norm's output is its only input)")
+
+    return refuse
+
+
 def _gather_hook(length: _SequenceLength, group, reduce_grad: bool = True):
     def hook(module, args, output):
         return gather_seq(output, SEQ_DIM, length.full, group, reduce_grad)
@@ -125,7 +188,10 @@ def apply_split_gather(model: nn.Module, plan: SplitGatherPlan, tp_handles: dict
                 _mark_partial(module, tp)
     for owner, i in plan.gathers.items():
         tp_handles.pop(owner).remove()
-        model.get_submodule(owner).register_forward_hook(_gather_hook(lengths[i], group))
+        linears = [model.get_submodule(path) for path in plan.consumers[owner]]
+        for path, linear in zip(plan.consumers[owner], linears):
+            linear.sequence_input = _refuse_other_input(path)
+        model.get_submodule(owner).register_forward_hook(_linears_hook(lengths[i], group, linears))
     for path in plan.rows:
         row = model.get_submodule(path)
         row.sequence_dim = SEQ_DIM

@@ -32,6 +32,11 @@ class ColumnParallelLinear(nn.Module):
     """
 
     copy_input = True
+    # Sequence parallelism (split_gather) computes this linear together with its siblings from
+    # their shared sequence chunk and leaves (input, output) here for the call that follows;
+    # `sequence_input` handles a call with another input (split_gather refuses it).
+    sf_precomputed = None
+    sequence_input = None
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: ShardSpec, group):
         super().__init__()
@@ -45,7 +50,12 @@ class ColumnParallelLinear(nn.Module):
                    spec, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.copy_input:
+        pending, self.sf_precomputed = self.sf_precomputed, None
+        if pending is not None and pending[0] is x:
+            return pending[1]
+        if self.sequence_input is not None:
+            x = self.sequence_input(x)
+        elif self.copy_input:
             x = copy_to_group(x, self.group)
         return F.linear(x, self.weight, self.bias)
 
