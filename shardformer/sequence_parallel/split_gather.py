@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..comm import _all_gather, _pad_to_multiple, _reduce_scatter, gather_seq, split_seq
+from .. import comm
+from ..comm import gather_seq, split_seq
 from ..sharding import ShardSpec, record_specs
 
 SEQ_DIM = 1  # transformers' hidden states are [batch, sequence, hidden]
@@ -114,7 +115,7 @@ class _GatheredLinears(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, full, group, n, *weights_and_biases):
         weights, biases = weights_and_biases[:n], weights_and_biases[n:]
-        gathered = _all_gather(x, SEQ_DIM, group).narrow(SEQ_DIM, 0, full)
+        gathered = comm._all_gather(x, SEQ_DIM, group).narrow(SEQ_DIM, 0, full)
         ctx.full, ctx.group, ctx.n, ctx.has_bias = full, group, n, [b is not None for b in biases]
         ctx.save_for_backward(x, *weights)
         ctx.mark_non_differentiable(gathered)
@@ -123,7 +124,7 @@ class _GatheredLinears(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _, *grads):
         x, *weights = ctx.saved_tensors
-        gathered = _all_gather(x, SEQ_DIM, ctx.group).narrow(SEQ_DIM, 0, ctx.full)
+        gathered = comm._all_gather(x, SEQ_DIM, ctx.group).narrow(SEQ_DIM, 0, ctx.full)
         flat = gathered.reshape(-1, gathered.shape[-1])
         grad_x, grad_w, grad_b = None, [], []
         for g, w, has_bias in zip(grads, weights, ctx.has_bias):
@@ -134,7 +135,7 @@ class _GatheredLinears(torch.autograd.Function):
             g2 = g.reshape(-1, g.shape[-1])
             grad_w.append((g2.t() @ flat.to(g2.dtype)).to(w.dtype))
             grad_b.append(g2.sum(0) if has_bias else None)
-        grad_x = _reduce_scatter(_pad_to_multiple(grad_x, SEQ_DIM, ctx.group), SEQ_DIM, ctx.group)
+        grad_x = comm._reduce_scatter(comm._pad_to_multiple(grad_x, SEQ_DIM, ctx.group), SEQ_DIM, ctx.group)
         return (grad_x.to(x.dtype), None, None, None, *grad_w, *grad_b)
 
 
