@@ -14,8 +14,10 @@ the tensor-parallel output handling (`tensor_parallel/output.py`), so `model(...
 """
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
+import logging
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,22 @@ from .mesh import build_groups, build_mesh, require_process_group
 from .plan import LayoutPlan, plan_layout
 from .sequence_parallel import UlyssesCalls, apply_split_gather, apply_ulysses, gather_hidden_hook
 from .tensor_parallel import accepts_return_dict, apply_tensor_parallel, run_forward
+
+
+logger = logging.getLogger("shardformer")
+
+
+def describe_layout(model, groups) -> str:
+    """One line: the mesh, the modules substituted (by class, counted), the attention path."""
+    mesh = groups.mesh
+    shape = " x ".join(f"{name} {mesh.size(i)}" for i, name in enumerate(mesh.mesh_dim_names))
+    ours = collections.Counter(type(m).__name__ for m in model.modules()
+                               if type(m).__module__.startswith("shardformer."))
+    modules = ", ".join(f"{count} {name}" for name, count in sorted(ours.items())) or "none"
+    config = model.sf_config
+    sequence = f", sequence parallel {config.sp_mode}" if config.sp_mode else ""
+    return (f"shardformer: mesh {shape}{sequence}; substituted {modules}; "
+            f"attention {model.config._attn_implementation}")
 
 
 class ShardedModelMixin:
@@ -188,4 +206,6 @@ def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None 
     groups = build_groups(mesh, plan.tp.block_sizes)
     with all_or_none(None, "shard_model"):
         _apply(model, plan, groups)
+    if dist.get_rank() == 0:
+        logger.info(describe_layout(model, groups))
     return model

@@ -364,3 +364,52 @@ def check_ulysses_refuses_cache():
 
 def test_ulysses_refuses_generate(pools):
     pools(2).run(check_ulysses_refuses_cache)
+
+
+def check_setup_log_line():
+    """Rank 0 logs the layout at setup: mesh, substituted modules, attention path."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("shardformer").addHandler(handler)
+    logging.getLogger("shardformer").setLevel(logging.INFO)
+    try:
+        sf.shard_model(build("llama"), config=sf.ShardConfig(sp_size=2, sp_mode="all_to_all"))
+    finally:
+        logging.getLogger("shardformer").removeHandler(handler)
+    return [r.getMessage() for r in records]
+
+
+def test_setup_logs_the_layout(pools):
+    first, second = pools(2).run(check_setup_log_line)
+    assert second == [] and len(first) == 1, (first, second)
+    line = first[0]
+    for part in ("dp 1 x pp 1 x sp 2 x tp 1", "sequence parallel all_to_all", "ColumnParallelLinear",
+                 "FusedRMSNorm", "attention sf_ulysses_sdpa"):
+        assert part in line, (part, line)
+
+
+def check_padding_mask(config_kwargs):
+    """A right-padded batch (attention_mask zeros, labels -100 there) gives the unsharded loss and
+    gradients under sequence parallelism too."""
+    ref = build("llama")
+    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(**config_kwargs))
+    ids, labels = batch(2, seq=11)
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+    labels = labels.masked_fill(mask == 0, -100)
+    loss = model.forward_backward(input_ids=ids, attention_mask=mask, labels=labels)
+    ref_loss = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref_loss.backward()
+    assert rel_err(loss, ref_loss.detach()) <= TOL
+    bad = {n: e for n, e in grad_errors(model, ref).items() if not e <= TOL}
+    assert not bad, bad
+    return True
+
+
+@pytest.mark.parametrize("config_kwargs", [dict(tp_size=2, sp_mode="split_gather"),
+                                           dict(sp_size=2, sp_mode="all_to_all")])
+def test_sequence_parallel_with_padding_mask(pools, config_kwargs):
+    pools(2).run(check_padding_mask, config_kwargs)

@@ -170,11 +170,12 @@ def test_clip_grad_norm_failure_on_one_rank_raises_everywhere(pools, tp):
 
 
 # ------------------------------------------------------------------ 3. tp peers, different batches
-def check_different_batches(check):
-    """Each tp rank gets its own batch (as a per-rank seed would give): an error on every rank,
-    naming the replica's ranks; the same token count in other shapes too. check_batch=False
+def check_different_batches(check, layout=None):
+    """Each tp (or sp) rank gets its own batch (as a per-rank seed would give): an error on every
+    rank, naming the replica's ranks; the same token count in other shapes too. check_batch=False
     skips the check (the caller vouches for its data)."""
-    config = sf.ShardConfig(tp_size=2) if check else sf.ShardConfig(tp_size=2, check_batch=False)
+    layout = layout or dict(tp_size=2)
+    config = sf.ShardConfig(**layout) if check else sf.ShardConfig(tp_size=2, check_batch=False)
     model = sf.shard_model(build("llama"), config=config)
     rank = dist.get_rank()
     ids, labels = batch(2, seed=rank + 1)
@@ -186,8 +187,9 @@ def check_different_batches(check):
     same_ids, _ = batch(2)
     reshaped = same_ids.reshape(4, 6) if rank else same_ids
     outcomes.append(_raises_everywhere(lambda: model(input_ids=reshaped)))
-    model.eval()
-    outcomes.append(_raises_everywhere(lambda: model.generate(ids[:, :4], max_new_tokens=2, do_sample=False)))
+    if "sp_mode" not in layout:  # Ulysses refuses generate anyway
+        model.eval()
+        outcomes.append(_raises_everywhere(lambda: model.generate(ids[:, :4], max_new_tokens=2, do_sample=False)))
     return outcomes
 
 
@@ -197,6 +199,16 @@ def test_tp_peers_with_different_batches_raise(pools):
         for kind, message in outcomes:
             assert kind == "ValueError" and "same batch" in message and "[0, 1]" in message, message
     assert pools(2).run(check_different_batches, False, timeout=BOUND) == [None, None]
+
+
+def test_sp_peers_with_different_sequences_raise(pools):
+    """The ranks of one sequence-parallel group (all_to_all) with different sequences: detected,
+    not hung on."""
+    for outcomes in pools(2).run(check_different_batches, True, dict(sp_size=2, sp_mode="all_to_all"),
+                                 timeout=BOUND):
+        assert None not in outcomes, outcomes
+        for kind, message in outcomes:
+            assert kind == "ValueError" and "same batch" in message, message
 
 
 # ------------------------------------------------------------------ 4. output_attentions
