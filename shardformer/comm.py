@@ -60,14 +60,18 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return fc.wait_tensor(_reduce_scatter_dim0(moved, "sum", 0, group)).movedim(0, dim)
 
 
-def _pad_to_multiple(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    world = dist.get_world_size(group)
-    pad = -x.shape[dim] % world
+def pad_to_multiple(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    """`x` zero-padded at the end of `dim` to a multiple of `multiple` (no copy when it is one)."""
+    pad = -x.shape[dim] % multiple
     if not pad:
         return x
     shape = list(x.shape)
     shape[dim] = pad
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _pad_to_multiple(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return pad_to_multiple(x, dim, dist.get_world_size(group))
 
 
 class _CopyToGroup(torch.autograd.Function):

@@ -32,6 +32,7 @@ from torch import nn
 from .. import comm
 from ..comm import gather_seq, split_seq
 from ..sharding import ShardSpec, record_specs
+from .common import SequenceLength, layer_paths, resolve_final_norm, sequence_length
 
 SEQ_DIM = 1  # transformers' hidden states are [batch, sequence, hidden]
 
@@ -55,12 +56,9 @@ def plan_split_gather(model: nn.Module, policy, tp_plan) -> SplitGatherPlan:
         raise policy.entry_error("tp_input_copies", dict(policy.tp_input_copies),
                                  f"must cover every column-parallel linear for sp_mode='split_gather' "
                                  f"(missing {ungathered[0]})")
-    if not policy.final_norm:
-        raise policy.entry_error("final_norm", policy.final_norm, "must name the base model's final norm "
-                                 "for sp_mode='split_gather' (the sequence is gathered after it)")
-    base = model.get_submodule(tp_plan.base_path.rstrip(".")) if tp_plan.base_path else model
-    policy.resolve(base, policy.final_norm, type(base).__name__, "final_norm")
-    layers = [f"{tp_plan.layers_path}.{i}" for i in range(len(model.get_submodule(tp_plan.layers_path)))]
+    final_norm = resolve_final_norm(model, policy, tp_plan,
+                                    "for sp_mode='split_gather' (the sequence is gathered after it)")
+    layers = layer_paths(model, tp_plan)
 
     def layer_of(path):
         return next(i for i, layer in enumerate(layers) if path.startswith(layer + "."))
@@ -70,32 +68,14 @@ def plan_split_gather(model: nn.Module, policy, tp_plan) -> SplitGatherPlan:
         gathers={owner: layer_of(owner) for owner in tp_plan.input_copies},
         consumers={owner: list(targets) for owner, targets in tp_plan.input_copies.items()},
         rows={p: layer_of(p) for p, kind in tp_plan.kinds.items() if kind == "row"},
-        final_norm=tp_plan.base_path + policy.final_norm,
+        final_norm=final_norm,
         head_input_partial=tp_plan.head_path is not None,
     )
 
 
-class _SequenceLength:
-    """The true sequence length of the call a decoder layer is running (set by its pre-hook just
-    before its body runs, also when gradient checkpointing re-runs it)."""
-
-    full = 0
-
-
-def _sequence_length(args, kwargs) -> int:
-    position_embeddings = kwargs.get("position_embeddings")
-    if position_embeddings is not None:
-        return position_embeddings[0].shape[-2]
-    position_ids = kwargs.get("position_ids")
-    if position_ids is not None:
-        return position_ids.shape[-1]
-    raise RuntimeError("sp_mode='split_gather' reads the sequence length from the decoder layer's "
-                       "position_embeddings or position_ids argument; this model passes neither")
-
-
-def _layer_pre_hook(length: _SequenceLength, group, first: bool):
+def _layer_pre_hook(length: SequenceLength, group, first: bool):
     def hook(module, args, kwargs):
-        length.full = _sequence_length(args, kwargs)
+        length.full = sequence_length(kwargs, "split_gather")
         if not first:
             return None
         if args:
@@ -139,7 +119,7 @@ class _GatheredLinears(torch.autograd.Function):
         return (grad_x.to(x.dtype), None, None, None, *grad_w, *grad_b)
 
 
-def _linears_hook(length: _SequenceLength, group, linears: list):
+def _linears_hook(length: SequenceLength, group, linears: list):
     """Forward hook on a norm: compute its column-parallel linears from its sequence chunk; the
     norm's output becomes the gathered sequence, which those linears receive and answer with
     their precomputed outputs."""
@@ -162,7 +142,7 @@ def _refuse_other_input(path: str):
     return refuse
 
 
-def _gather_hook(length: _SequenceLength, group, reduce_grad: bool = True):
+def _gather_hook(length: SequenceLength, group, reduce_grad: bool = True):
     def hook(module, args, output):
         return gather_seq(output, SEQ_DIM, length.full, group, reduce_grad)
 
@@ -180,7 +160,7 @@ def _mark_partial(module: nn.Module, tp: int, names=None) -> None:
 def apply_split_gather(model: nn.Module, plan: SplitGatherPlan, tp_handles: dict, group, tp: int, head=None) -> None:
     """Install the hooks of the module docstring (local: no collective). `tp_handles`: the tp
     input-copy hooks to replace (from `apply_tensor_parallel`); `head`: the vocab-parallel LM head."""
-    lengths = [_SequenceLength() for _ in plan.layers]
+    lengths = [SequenceLength() for _ in plan.layers]
     for i, path in enumerate(plan.layers):
         layer = model.get_submodule(path)
         layer.register_forward_pre_hook(_layer_pre_hook(lengths[i], group, i == 0), with_kwargs=True)

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..comm import all_to_all, gather_from_group, split_seq
+from ..comm import all_to_all, gather_from_group, pad_to_multiple, split_seq
 from ..mesh import ParallelGroups
+from .common import SequenceLength, layer_paths, resolve_final_norm, sequence_length
 
 SEQ_DIM = 1  # hidden states [batch, sequence, hidden]
 _HEADS, _ATTN_SEQ = 1, 2  # q, k, v as attention functions take them: [batch, heads, sequence, dim]
@@ -62,45 +63,21 @@ def plan_ulysses(model: nn.Module, policy, tp_plan, config) -> UlyssesPlan:
         raise policy.entry_error("attention_local_attrs", dict(policy.attention_local_attrs),
                                  "must name the attention's per-rank head attributes for sp_mode='all_to_all'")
     if tp_plan.head_path is None:
-        if not policy.final_norm:
-            raise policy.entry_error("final_norm", policy.final_norm, "must name the base model's final norm for "
-                                     "sp_mode='all_to_all' on a model without an LM head")
-        base = model.get_submodule(tp_plan.base_path.rstrip(".")) if tp_plan.base_path else model
-        policy.resolve(base, policy.final_norm, type(base).__name__, "final_norm")
-    layers = [f"{tp_plan.layers_path}.{i}" for i in range(len(model.get_submodule(tp_plan.layers_path)))]
+        resolve_final_norm(model, policy, tp_plan, "for sp_mode='all_to_all' on a model without an LM head")
+    layers = layer_paths(model, tp_plan)
     return UlyssesPlan(layers, list(tp_plan.attention_attrs), sp, kv_repeat,
                        (q_local // sp) // (kv_local * kv_repeat // sp))
-
-
-class _SequenceLength:
-    full = 0
-
-
-def _sequence_length(kwargs) -> int:
-    position_embeddings = kwargs.get("position_embeddings")
-    if position_embeddings is not None:
-        return position_embeddings[0].shape[-2]
-    position_ids = kwargs.get("position_ids")
-    if position_ids is not None:
-        return position_ids.shape[-1]
-    raise RuntimeError("sp_mode='all_to_all' reads the sequence length from the decoder layer's "
-                       "position_embeddings or position_ids argument; this model passes neither")
 
 
 def _chunk(x: torch.Tensor, dim: int, sp: int, rank: int) -> torch.Tensor:
     """This rank's chunk of x along dim after zero padding to a multiple of sp (no autograd op:
     rotary cos/sin need no gradient)."""
-    pad = -x.shape[dim] % sp
-    if pad:
-        shape = list(x.shape)
-        shape[dim] = pad
-        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
-    return x.chunk(sp, dim=dim)[rank]
+    return pad_to_multiple(x, dim, sp).chunk(sp, dim=dim)[rank]
 
 
-def _layer_pre_hook(length: _SequenceLength, group, sp: int, rank: int, first: bool):
+def _layer_pre_hook(length: SequenceLength, group, sp: int, rank: int, first: bool):
     def hook(module, args, kwargs):
-        length.full = _sequence_length(kwargs)
+        length.full = sequence_length(kwargs, "all_to_all")
         kwargs = dict(kwargs)
         cos_sin = kwargs.get("position_embeddings")
         if cos_sin is not None:
@@ -113,15 +90,6 @@ def _layer_pre_hook(length: _SequenceLength, group, sp: int, rank: int, first: b
         return args, kwargs
 
     return hook
-
-
-def _pad_seq(x: torch.Tensor, dim: int, sp: int) -> torch.Tensor:
-    pad = -x.shape[dim] % sp
-    if not pad:
-        return x
-    shape = list(x.shape)
-    shape[dim] = pad
-    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 def make_ulysses_attention(inner_name: str, group, sp: int):
@@ -138,7 +106,7 @@ def make_ulysses_attention(inner_name: str, group, sp: int):
             value = value.repeat_interleave(repeat, dim=_HEADS)
         q, k, v = (all_to_all(t, _HEADS, _ATTN_SEQ, group).narrow(_ATTN_SEQ, 0, full) for t in (query, key, value))
         out, weights = inner(module, q, k, v, attention_mask, **kwargs)  # out: [B, S, heads/sp, D]
-        out = all_to_all(_pad_seq(out, 1, sp), 1, 2, group)  # -> [B, S_pad/sp, heads, D]
+        out = all_to_all(pad_to_multiple(out, 1, sp), 1, 2, group)  # -> [B, S_pad/sp, heads, D]
         if weights is not None:  # [B, heads/sp, S, S] -> every head of this tp rank
             weights = gather_from_group(weights, 1, group)
         return out, weights
@@ -157,7 +125,7 @@ def apply_ulysses(model: nn.Module, plan: UlyssesPlan, groups: ParallelGroups) -
     name = f"sf_ulysses_{inner}"
     ALL_ATTENTION_FUNCTIONS.register(name, make_ulysses_attention(inner, group, sp))
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
-    lengths = [_SequenceLength() for _ in plan.layers]
+    lengths = [SequenceLength() for _ in plan.layers]
     for i, path in enumerate(plan.layers):
         model.get_submodule(path).register_forward_pre_hook(_layer_pre_hook(lengths[i], group, sp, rank, i == 0),
                                                             with_kwargs=True)
