@@ -15,6 +15,7 @@ the tensor-parallel output handling (`tensor_parallel/output.py`), so `model(...
 from __future__ import annotations
 
 import collections
+import copy
 import functools
 import inspect
 import logging
@@ -146,17 +147,28 @@ def _enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _own_config(model) -> None:
+    """Give `model` a config object of its own (models built from one config share it), so that
+    a setting changed for this sharded model does not change the others."""
+    shared, own = model.config, copy.copy(model.config)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = own
+
+
 def _apply(model, plan: LayoutPlan, groups) -> None:
     """Apply every planned parallelism in the fixed order (local: no collective)."""
     config, policy = plan.config, plan.policy
     if config.enable_fused_kernels:
-        apply_fused_kernels(model, policy, plan.kernels, list(plan.tp.attention_attrs))
+        apply_fused_kernels(model, policy, plan.kernels, list(plan.tp.attention_attrs),
+                            choose_attention=config.sp_mode != "all_to_all")
     tp_hooks = apply_tensor_parallel(model, plan.tp, policy, groups.tp, groups.mesh.get_local_rank("tp"))
     head = model.get_submodule(plan.tp.head_path) if plan.tp.head_path is not None else None
     calls = None
     if config.sp_mode == "split_gather":
         apply_split_gather(model, plan.sp, tp_hooks, groups.tp, groups.size("tp"), head)
     elif config.sp_mode == "all_to_all":
+        _own_config(model)
         lengths = apply_ulysses(model, plan.sp, groups)
         calls = UlyssesCalls(groups.sp, groups.size("sp"), groups.mesh.get_local_rank("sp"), head is not None)
         if head is None:  # the whole sequence for the model's own outputs / heads

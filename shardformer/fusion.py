@@ -48,11 +48,13 @@ def plan_fused_kernels(model: nn.Module, policy, layers_path: str, base_path: st
     return found
 
 
-def apply_fused_kernels(model: nn.Module, policy, planned: list, attention_paths: list[str]) -> list[str]:
+def apply_fused_kernels(model: nn.Module, policy, planned: list, attention_paths: list[str],
+                        choose_attention: bool = True) -> list[str]:
     """Swap the `planned` modules (from `plan_fused_kernels`); route the rotary embedding of the
     attention modules at `attention_paths` to the fused kernel (CUDA only); pick the attention
-    backend. Returns the paths swapped; a module the kernel cannot reproduce is left as it is,
-    with a warning."""
+    backend unless `choose_attention` is False (a layout that wraps the model's attention keeps
+    it as it is). Returns the paths swapped; a module the kernel cannot reproduce is left as it
+    is, with a warning."""
     done = []
     for path, module, build in planned:
         try:
@@ -62,5 +64,6 @@ def apply_fused_kernels(model: nn.Module, policy, planned: list, attention_paths
             warnings.warn(f"fused kernel not applied to {path}: {err}", stacklevel=2)
     if policy.fused_rotary and cuda.available():
         enable_fused_rotary(model, [model.get_submodule(p) for p in attention_paths])
-    select_attention(model)
+    if choose_attention:
+        select_attention(model)
     return done

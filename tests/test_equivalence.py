@@ -413,3 +413,35 @@ def check_padding_mask(config_kwargs):
                                            dict(sp_size=2, sp_mode="all_to_all")])
 def test_sequence_parallel_with_padding_mask(pools, config_kwargs):
     pools(2).run(check_padding_mask, config_kwargs)
+
+
+def check_ulysses_models_side_by_side():
+    """Two Ulysses models of different layouts in one process (dp2 x sp2 and sp2 x tp2: other sp
+    groups), and an unsharded model sharing the first one's config: each keeps its own groups and
+    attention; the unsharded one stays HF's."""
+    ref = build("llama", tied=True)
+    twin = type(ref)(ref.config).float()  # built from the same config object
+    twin.load_state_dict(ref.state_dict())
+    a = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(sp_size=2, sp_mode="all_to_all"))
+    assert twin.config._attn_implementation == "sdpa" and a.config is not twin.config
+    dp_rank = a.sf_mesh.get_local_rank("dp")
+    ids, labels = batch(4, seq=11)
+    mine = slice(2 * dp_rank, 2 * dp_rank + 2)
+    a.eval(), ref.eval(), twin.eval()
+    before = a(input_ids=ids[mine], labels=labels[mine]).loss
+    b = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(sp_size=2, tp_size=2, sp_mode="all_to_all"))
+    b.eval()
+    after = a(input_ids=ids[mine], labels=labels[mine]).loss
+    want = ref(input_ids=ids[mine], labels=labels[mine]).loss
+    assert rel_err(before, want) <= TOL and rel_err(after, want) <= TOL, (before, after, want)
+    assert rel_err(b(input_ids=ids[:2], labels=labels[:2]).loss, ref(input_ids=ids[:2], labels=labels[:2]).loss) <= TOL
+    assert rel_err(twin(input_ids=ids[mine]).logits, ref(input_ids=ids[mine]).logits) <= TOL
+    for model in (a, b):
+        model.config.output_hidden_states = True  # the config's switch is refused like the argument
+        with pytest.raises(ValueError, match="output_hidden_states"):
+            model(input_ids=ids[:2])
+    return True
+
+
+def test_ulysses_models_side_by_side(pools):
+    pools(4).run(check_ulysses_models_side_by_side)

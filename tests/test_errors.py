@@ -107,6 +107,10 @@ def check_head_divisibility():
                         "multiple of", "model.config.num_key_value_heads=3")
     wide = build("llama", intermediate_size=90)
     _expect_value_error(wide, sf.ShardConfig(tp_size=4), "ShardConfig.tp_size=4", "mlp.gate_proj.out_features=90")
+    flash = build("llama")
+    flash.config._attn_implementation = "flash_attention_2"
+    _expect_value_error(flash, sf.ShardConfig(sp_size=4, sp_mode="all_to_all"), "ShardConfig.sp_mode='all_to_all'",
+                        "model.config._attn_implementation='flash_attention_2'")
     six_sp = build("llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
     _expect_value_error(six_sp, sf.ShardConfig(tp_size=1, sp_size=4, sp_mode="all_to_all"), "ShardConfig.sp_size=4",
                         "model.config.num_attention_heads=6")

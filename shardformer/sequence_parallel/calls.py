@@ -32,9 +32,6 @@ class UlyssesCalls:
         if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
             raise ValueError("sp_mode='all_to_all' does not support a KV cache (generate); run generation on a "
                              "model sharded without sequence parallelism")
-        if kwargs.get("output_hidden_states"):
-            raise ValueError("output_hidden_states=True is not supported with ShardConfig.sp_mode='all_to_all' yet "
-                             "(the layers' hidden states are sequence chunks)")
         source = kwargs.get("input_ids", args[0] if args else None)
         if source is None:
             source = kwargs.get("inputs_embeds")

@@ -50,7 +50,14 @@ class UlyssesPlan:
 def plan_ulysses(model: nn.Module, policy, tp_plan, config) -> UlyssesPlan:
     """Validate Ulysses against the model (no collective): query heads must split over tp x sp;
     KV heads are repeated where a rank would hold less than one."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
     tp, sp = config.tp_size, config.sp_size
+    inner = model.config._attn_implementation or "eager"
+    if "flash" in inner or inner not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise ValueError(f"ShardConfig.sp_mode='all_to_all' wraps the model's attention, which must be 'sdpa', "
+                         f"'eager' or another implementation with a mask function; got "
+                         f"model.config._attn_implementation={inner!r} (flash-attn variants are not supported yet)")
     heads = getattr(model.config, policy.num_heads_attr)
     kv_heads = getattr(model.config, policy.num_kv_heads_attr, None) or heads
     if heads % (tp * sp):
@@ -92,14 +99,16 @@ def _layer_pre_hook(length: SequenceLength, group, sp: int, rank: int, first: bo
     return hook
 
 
-def make_ulysses_attention(inner_name: str, group, sp: int):
-    """The attention function registered for a model whose attention was `inner_name`."""
+def make_ulysses_attention(inner_name: str):
+    """The attention function registered for models whose attention was `inner_name`; the sp
+    group, its size and the call's sequence length come from the attention module (set by
+    `apply_ulysses`), so models of any layout share it."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def ulysses_attention(module, query, key, value, attention_mask, **kwargs):
         inner = ALL_ATTENTION_FUNCTIONS[inner_name] if inner_name in ALL_ATTENTION_FUNCTIONS else \
             sys.modules[type(module).__module__].eager_attention_forward
-        full = module.sf_sequence_length.full
+        group, sp, full = module.sf_sp_group, module.sf_sp, module.sf_sequence_length.full
         repeat = module.sf_kv_repeat
         if repeat > 1:
             key = key.repeat_interleave(repeat, dim=_HEADS)
@@ -123,7 +132,7 @@ def apply_ulysses(model: nn.Module, plan: UlyssesPlan, groups: ParallelGroups) -
     group, sp, rank = groups.sp, plan.sp, groups.mesh.get_local_rank("sp")
     inner = model.config._attn_implementation or "eager"
     name = f"sf_ulysses_{inner}"
-    ALL_ATTENTION_FUNCTIONS.register(name, make_ulysses_attention(inner, group, sp))
+    ALL_ATTENTION_FUNCTIONS.register(name, make_ulysses_attention(inner))
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     lengths = [SequenceLength() for _ in plan.layers]
     for i, path in enumerate(plan.layers):
@@ -132,6 +141,7 @@ def apply_ulysses(model: nn.Module, plan: UlyssesPlan, groups: ParallelGroups) -
     for i, path in enumerate(plan.attentions):
         attention = model.get_submodule(path)
         attention.sf_sequence_length, attention.sf_kv_repeat = lengths[i], plan.kv_repeat
+        attention.sf_sp_group, attention.sf_sp = group, sp
         if hasattr(attention, "num_key_value_groups"):
             attention.num_key_value_groups = plan.groups_after
     model.config._attn_implementation = name

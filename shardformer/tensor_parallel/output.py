@@ -50,9 +50,13 @@ def run_forward(model, hf_forward, args: tuple, kwargs: dict, takes_return_dict:
     full = None
     if sequence is not None:
         kwargs, full = sequence.prepare(kwargs, args)
-    if model.sf_config.sp_mode == "split_gather" and kwargs.get("output_hidden_states"):
-        raise ValueError("output_hidden_states=True is not supported with ShardConfig.sp_mode='split_gather' "
-                         "yet (the layers' hidden states are sequence chunks); use sp_mode=None to inspect them")
+    hidden_states = kwargs.get("output_hidden_states")
+    if hidden_states is None:
+        hidden_states = getattr(model.config, "output_hidden_states", False)
+    if model.sf_config.sp_mode is not None and hidden_states:
+        raise ValueError(f"output_hidden_states=True (or model.config.output_hidden_states) is not supported with "
+                         f"ShardConfig.sp_mode={model.sf_config.sp_mode!r} yet (the layers' hidden states are "
+                         "sequence chunks); use sp_mode=None to inspect them")
     as_tuple = takes_return_dict and _wants_tuple(model, kwargs)
     call = {k: v for k, v in kwargs.items() if not k.startswith("sf_")}  # sf_*: shardformer's own notes
     if as_tuple:
