@@ -32,7 +32,7 @@ from .fusion import apply_fused_kernels
 from .grad_clip import clip_grad_norm_
 from .mesh import build_groups, build_mesh, require_process_group
 from .plan import LayoutPlan, plan_layout
-from .sequence_parallel import UlyssesCalls, apply_split_gather, apply_ulysses, gather_hidden_hook
+from .sequence_parallel import SequenceCalls, apply_split_gather, apply_ulysses, gather_hidden_hook
 from .tensor_parallel import accepts_return_dict, apply_tensor_parallel, run_forward
 
 
@@ -161,19 +161,20 @@ def _apply(model, plan: LayoutPlan, groups) -> None:
     config, policy = plan.config, plan.policy
     if config.enable_fused_kernels:
         apply_fused_kernels(model, policy, plan.kernels, list(plan.tp.attention_attrs),
-                            choose_attention=config.sp_mode != "all_to_all")
+                            choose_attention=config.sp_mode not in ("all_to_all", "ring"))
     tp_hooks = apply_tensor_parallel(model, plan.tp, policy, groups.tp, groups.mesh.get_local_rank("tp"))
     head = model.get_submodule(plan.tp.head_path) if plan.tp.head_path is not None else None
     calls = None
     if config.sp_mode == "split_gather":
         apply_split_gather(model, plan.sp, tp_hooks, groups.tp, groups.size("tp"), head)
-    elif config.sp_mode == "all_to_all":
+    elif config.sp_mode in ("all_to_all", "ring"):
         _own_config(model)
         lengths = apply_ulysses(model, plan.sp, groups)
-        calls = UlyssesCalls(groups.sp, groups.size("sp"), groups.mesh.get_local_rank("sp"), head is not None)
+        calls = SequenceCalls(groups.sp, groups.size("sp"), groups.mesh.get_local_rank("sp"), head is not None,
+                              zigzag=config.sp_mode == "ring")
         if head is None:  # the whole sequence for the model's own outputs / heads
             final = model.get_submodule(plan.tp.base_path + policy.final_norm)
-            final.register_forward_hook(gather_hidden_hook(groups.sp, groups.size("sp"), lengths[-1]))
+            final.register_forward_hook(gather_hidden_hook(calls, lengths[-1]))
     model.sf_sequence_calls = calls
     if config.gradient_checkpointing:
         _enable_checkpointing(model)

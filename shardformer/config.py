@@ -22,10 +22,10 @@ class ShardConfig:
     Args:
         tp_size: tensor-parallel degree (attention heads, MLP and vocabulary are split over it).
         pp_size: pipeline-parallel degree (not built yet: values other than 1 raise NotImplementedError).
-        sp_size: sequence-parallel degree of the sp axis (all_to_all; ring is not built yet).
+        sp_size: sequence-parallel degree of the sp axis (all_to_all, ring).
         sp_mode: None; "split_gather" (Megatron sequence parallelism on the tp group: needs
-            tp_size > 1, sp_size stays 1); "all_to_all" (Ulysses on the sp axis: needs
-            sp_size > 1); "ring" is not built yet.
+            tp_size > 1, sp_size stays 1); "all_to_all" (Ulysses) or "ring" (ring attention,
+            causal, no padding mask, CPU block op for now) on the sp axis: need sp_size > 1.
         pp_schedule: "gpipe" | "1f1b" | "interleaved" | "zbv"; only meaningful with pp_size > 1.
         num_microbatches: pipeline microbatches; only meaningful with pp_size > 1.
         zero_stage: 0 (plain data parallel) or 1/2/3 (not built yet).
@@ -91,7 +91,6 @@ class ShardConfig:
             "pp_size": (self.pp_size != 1, "pipeline parallelism"),
             "pp_schedule": (self.pp_schedule != "1f1b", "pipeline schedules"),
             "num_microbatches": (self.num_microbatches is not None, "pipeline microbatching"),
-            "sp_mode": (self.sp_mode == "ring", "ring attention"),
             "zero_stage": (self.zero_stage != 0, "the ZeRO optimizer"),
         }
         for field_name, (is_set, feature) in unbuilt.items():

@@ -42,6 +42,6 @@ def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) 
     sp = None
     if config.sp_mode == "split_gather":
         sp = plan_split_gather(model, policy, tp)
-    elif config.sp_mode == "all_to_all":
+    elif config.sp_mode in ("all_to_all", "ring"):
         sp = plan_ulysses(model, policy, tp, config)
     return LayoutPlan(config, policy, dp, tp, kernels, sp)

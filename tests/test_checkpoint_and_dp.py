@@ -65,3 +65,21 @@ def check_bucketed_overlap():
 
 def test_data_parallel_buckets_overlap_backward(pools):
     pools(4).run(check_bucketed_overlap)
+
+
+def check_save_from_sequence_parallel(layout, path):
+    ref = build("llama")
+    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(**layout))
+    sf.save_pretrained(model, path)
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    worst = max(rel_err(loaded.state_dict()[k], v) for k, v in ref.state_dict().items())
+    assert worst == 0, worst
+    dist.barrier()
+    return worst
+
+
+@pytest.mark.parametrize("layout", [dict(tp_size=2, sp_mode="split_gather"), dict(sp_size=2, sp_mode="all_to_all"),
+                                    dict(sp_size=2, sp_mode="ring")])
+def test_save_pretrained_from_sequence_parallel(pools, layout):
+    with tempfile.TemporaryDirectory() as d:
+        pools(2).run(check_save_from_sequence_parallel, layout, os.path.join(d, "out"))

@@ -69,8 +69,9 @@ def check_equivalence(family, tp, tied=False, steps=1, gradient_checkpointing=Fa
         else:
             loss = model.forward_backward(input_ids=ids[mine], labels=labels[mine]) if family != "llama-seqcls" \
                 else model.forward_backward(input_ids=ids[mine], labels=ids[mine, 0] % 2)
-        split = {"split_gather": tp, "all_to_all": sp}.get(sp_mode, 1)
-        assert chunks[-1] == -(-seq // split), (chunks[-1], seq, split)  # the sequence really was split
+        split = {"split_gather": tp, "all_to_all": sp, "ring": 2 * sp}.get(sp_mode, 1)
+        per_rank = -(-seq // split) * (2 if sp_mode == "ring" else 1)  # ring: two zig-zag chunks
+        assert chunks[-1] == per_rank, (chunks[-1], seq, split)  # the sequence really was split
         errs[f"step{step}/loss"] = rel_err(loss, ref_loss.detach())
         errs |= {f"step{step}/grad/{name}": err for name, err in grad_errors(model, ref).items()}
         for o in (ref_opt, opt):
@@ -445,3 +446,37 @@ def check_ulysses_models_side_by_side():
 
 def test_ulysses_models_side_by_side(pools):
     pools(4).run(check_ulysses_models_side_by_side)
+
+
+# (world, sp, seq, tied): sp 2 and 4 alone, sp 2 with dp 2; lengths 2 x sp divides and does not
+RING = [(2, 2, 12, True), (4, 4, 16, False), (4, 4, 10, True), (4, 2, 9, False)]
+
+
+@pytest.mark.parametrize("world,sp,seq,tied", RING)
+def test_ring_attention(pools, world, sp, seq, tied):
+    """sp_mode="ring" (causal, zig-zag chunks, K/V passed around the ring, log-sum-exp merge):
+    loss, every gradient and every weight after AdamW equal the unsharded model's."""
+    worst = pools(world).run(check_equivalence, "llama", 1, tied, 2, False, 2, True, "ring", seq, sp)
+    assert max(worst) <= TOL
+
+
+def check_ring_refuses_padding():
+    model = sf.shard_model(build("llama"), config=sf.ShardConfig(sp_size=2, sp_mode="ring"))
+    ids, labels = batch(2, seq=11)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    with pytest.raises(ValueError, match="without padding"):
+        model.forward_backward(input_ids=ids, attention_mask=mask, labels=labels)
+    model.forward_backward(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)  # all ones: fine
+    return True
+
+
+def test_ring_with_checkpointing_other_heads_and_padding_refused(pools):
+    """ring with HF's gradient checkpointing and the unfused loss, for a model without an LM head
+    and a classifier; a padding mask is refused with a clear error."""
+    run = pools(2).run
+    assert max(run(check_equivalence, "llama", 1, False, 1, True, 2, True, "ring", 11, 2)) <= TOL
+    assert max(run(check_equivalence, "llama", 1, True, 1, False, 2, False, "ring", 11, 2)) <= TOL
+    for family in ("llama-model", "llama-seqcls"):
+        assert max(run(check_equivalence, family, 1, False, 1, False, 2, True, "ring", 11, 2)) <= TOL
+    run(check_ring_refuses_padding)

@@ -158,8 +158,7 @@ def test_sequence_parallel_layout_errors(kwargs, field):
 def test_unbuilt_features_are_named(field, value):
     with pytest.raises(NotImplementedError, match=f"ShardConfig.{field}"):
         sf.ShardConfig(**{field: value})
-    with pytest.raises(NotImplementedError, match="ShardConfig.sp_mode='ring'"):
-        sf.ShardConfig(sp_mode="ring", sp_size=2)
+
 
 
 def check_out_of_range_ids(fused):

@@ -36,6 +36,11 @@ def _record(calls, phase):
         mock.patch.object(comm, "_all_reduce", wrap("all_reduce", comm._all_reduce, in_bytes)),
         mock.patch.object(comm, "_all_to_all", wrap("all_to_all", comm._all_to_all, in_bytes)),
         mock.patch.object(dist, "all_reduce", wrap("all_reduce", dist.all_reduce, in_bytes)),
+        mock.patch.object(dist, "all_gather", wrap("all_gather", dist.all_gather,
+                                                   lambda a, k: nbytes(a[1]) * len(a[0]))),
+        mock.patch.object(dist, "batch_isend_irecv", wrap("send", dist.batch_isend_irecv,
+                                                          lambda a, k: sum(nbytes(op.tensor) for op in a[0]
+                                                                           if op.op is dist.isend))),
     ]
 
 
@@ -60,6 +65,12 @@ def _step_volume(config, layers):
 
 def textbook(mode, world):
     """Per decoder layer, fp32, S divisible by the split."""
+    layer_params = (H * H * 2 + H * KV * D * 2 + 3 * H * INTER + 2 * H) * F32
+    flags = 9 * F32  # the reducer's one "had a gradient" entry per parameter (9 per layer)
+    if mode == "ring":  # K and V (their own heads) travel sp - 1 hops forward; backward sp hops with dK, dV
+        kv = B * KV * (S // world) * D * F32
+        return {("forward", "send"): (world - 1) * 2 * kv, ("backward", "send"): world * 4 * kv,
+                ("backward", "all_reduce"): layer_params + flags}  # gradient mean over dp x sp
     if mode == "split_gather":  # Megatron SP: g = all-gather, rs = reduce-scatter of [B, S, H]
         act = B * S * H * F32
         return {("forward", "all_gather"): 2 * act, ("forward", "reduce_scatter"): 2 * act,
@@ -73,22 +84,20 @@ def textbook(mode, world):
     kv_after = KV * (world // __import__("math").gcd(KV, world))
     per_token = (HEADS + 2 * kv_after + HEADS) * D * F32
     a2a = B * (S // world) * per_token
-    layer_params = (H * H * 2 + H * KV * D * 2 + 3 * H * INTER + 2 * H) * F32
-    flags = 9 * F32  # the reducer's one "had a gradient" entry per parameter (9 per layer)
     return {("forward", "all_to_all"): a2a, ("backward", "all_to_all"): a2a,
             ("backward", "all_reduce"): layer_params + flags}  # gradient mean over dp x sp
 
 
 def check_volume(mode):
     world = dist.get_world_size()
-    kwargs = dict(tp_size=world) if mode == "split_gather" else dict(sp_size=world)
+    kwargs = dict(tp_size=world) if mode == "split_gather" else dict(sp_size=world)  # S divides 2 x world
     config = sf.ShardConfig(sp_mode=mode, check_batch=False, **kwargs)
     two, one = _step_volume(config, 2), _step_volume(config, 1)
     per_layer = {key: two[key] - one[key] for key in set(two) | set(one) if two[key] != one[key]}
     return per_layer
 
 
-@pytest.mark.parametrize("mode", ["split_gather", "all_to_all"])
+@pytest.mark.parametrize("mode", ["split_gather", "all_to_all", "ring"])
 def test_communication_per_layer_is_textbook(pools, mode):
     measured = pools(4).run(check_volume, mode)[0]
     want = textbook(mode, 4)

@@ -44,7 +44,8 @@ def check_layer_memory(mode):
                 max_position_embeddings=SEQ, num_hidden_layers=2)
     ids = torch.randint(1, 250, (1, SEQ), generator=torch.Generator().manual_seed(0))
     split_cfg = {"split_gather": dict(tp_size=world, sp_mode="split_gather"),
-                 "all_to_all": dict(sp_size=world, sp_mode="all_to_all")}[mode]
+                 "all_to_all": dict(sp_size=world, sp_mode="all_to_all"),
+                 "ring": dict(sp_size=world, sp_mode="ring")}[mode]
     measured = {}
     for name, kwargs in (("unsplit", dict(tp_size=1)), ("split", split_cfg)):
         model = sf.shard_model(build("llama", **dims), config=sf.ShardConfig(enable_fused_kernels=False, **kwargs))
@@ -57,7 +58,7 @@ def check_layer_memory(mode):
     return ratio
 
 
-@pytest.mark.parametrize("mode", ["split_gather", "all_to_all"])
+@pytest.mark.parametrize("mode", ["split_gather", "all_to_all", "ring"])
 def test_saved_activations_shrink_with_the_split(pools, mode):
     ratios = pools(4).run(check_layer_memory, mode)
     print(mode, "ratios per rank:", [round(r, 3) for r in ratios])

@@ -1,13 +1,15 @@
-"""One call of an sp-axis (Ulysses) model: its inputs split, its loss and outputs made whole.
+"""One call of an sp-axis model (Ulysses, ring): its inputs split, its loss and outputs made whole.
 
-`UlyssesCalls.prepare(model, kwargs)` runs before HF's forward:
+`SequenceCalls.prepare(kwargs, args)` runs before HF's forward:
   * labels: shifted on the whole sequence (or `shift_labels` as given), padded with the ignore
-    index to a multiple of sp, and this rank's chunk passed as `shift_labels`; the count of
+    index to a multiple of sp (2 sp for ring), and this rank's chunk (ring: zig-zag chunks)
+    passed as `shift_labels`; the count of
     targets of the whole batch goes as `num_items_in_batch` (unless given), so each rank's loss
     is the sum over its tokens divided by the whole batch's count;
   * the KV cache is off (`use_cache=False`); a call that brings one or asks for it
     (`generate`) is refused;
-  * `logits_to_keep` is applied after the logits are gathered (each rank holds a chunk).
+  * `logits_to_keep` is applied after the logits are gathered (each rank holds a chunk);
+  * ring refuses a padding mask (causal training without padding only).
 `finish(model, out, prepared)` runs after it:
   * the loss: the ranks' parts summed over sp (backward: times sp, the gradient convention of
     `ulysses.py`);
@@ -18,19 +20,24 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..comm import gather_seq, sum_over
+from .ring import zigzag_chunk, zigzag_gather
 from .ulysses import SEQ_DIM
 
 
-class UlyssesCalls:
-    """Per-call input / output handling of a Ulysses-sharded model (holds no per-call state)."""
+class SequenceCalls:
+    """Per-call input / output handling of an sp-axis model (all_to_all, or ring with `zigzag`
+    placement); holds no per-call state."""
 
-    def __init__(self, group, sp: int, rank: int, has_lm_head: bool):
-        self.group, self.sp, self.rank, self.has_lm_head = group, sp, rank, has_lm_head
+    def __init__(self, group, sp: int, rank: int, has_lm_head: bool, zigzag: bool = False):
+        self.group, self.sp, self.rank, self.has_lm_head, self.zigzag = group, sp, rank, has_lm_head, zigzag
 
     def prepare(self, kwargs: dict, args: tuple) -> tuple[dict, int]:
         """(the kwargs to call HF with, the true sequence length)."""
+        if self.zigzag and kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):
+            raise ValueError("sp_mode='ring' supports causal training without padding: this batch's attention_mask "
+                             "has zeros; use sp_mode='all_to_all' or 'split_gather' for padded batches")
         if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
-            raise ValueError("sp_mode='all_to_all' does not support a KV cache (generate); run generation on a "
+            raise ValueError("this sp_mode does not support a KV cache (generate); run generation on a "
                              "model sharded without sequence parallelism")
         source = kwargs.get("input_ids", args[0] if args else None)
         if source is None:
@@ -48,8 +55,12 @@ class UlyssesCalls:
                 targets = F.pad(labels, (0, 1), value=ignore)[..., 1:]
             if kwargs.get("num_items_in_batch") is None:
                 kwargs["num_items_in_batch"] = (targets != ignore).sum()
-            padded = F.pad(targets, (0, -targets.shape[-1] % self.sp), value=ignore)
-            kwargs["shift_labels"] = padded.chunk(self.sp, dim=-1)[self.rank].contiguous()
+            if self.zigzag:
+                padded = F.pad(targets, (0, -targets.shape[-1] % (2 * self.sp)), value=ignore)
+                kwargs["shift_labels"] = zigzag_chunk(padded, -1, self.sp, self.rank).contiguous()
+            else:
+                padded = F.pad(targets, (0, -targets.shape[-1] % self.sp), value=ignore)
+                kwargs["shift_labels"] = padded.chunk(self.sp, dim=-1)[self.rank].contiguous()
         return kwargs, full
 
     def finish(self, out, kwargs: dict, full: int):
@@ -58,7 +69,7 @@ class UlyssesCalls:
             out.loss = sum_over(out.loss, self.group, grad_scale=self.sp)
         logits = getattr(out, "logits", None)
         if logits is not None and kwargs.get("labels") is None and self.has_lm_head:
-            logits = gather_seq(logits, SEQ_DIM, full, self.group, reduce_grad=False, grad_scale=self.sp)
+            logits = self.gather(logits, full)
             keep = kwargs.get("sf_logits_to_keep", 0)
             if isinstance(keep, int):
                 out.logits = logits[:, -keep:] if keep else logits
@@ -66,12 +77,18 @@ class UlyssesCalls:
                 out.logits = logits[:, keep]
         return out
 
+    def gather(self, x, full: int):
+        """The whole sequence of `x` (cut to `full`); backward: each rank keeps its chunk, times sp."""
+        if self.zigzag:
+            return zigzag_gather(x, SEQ_DIM, full, self.group, grad_scale=self.sp)
+        return gather_seq(x, SEQ_DIM, full, self.group, reduce_grad=False, grad_scale=self.sp)
 
-def gather_hidden_hook(group, sp: int, length):
+
+def gather_hidden_hook(calls: SequenceCalls, length):
     """Forward hook for the final norm of a model without a vocab-parallel LM head: its output is
     gathered along the sequence (backward: each rank keeps its chunk, times sp)."""
 
     def hook(module, args, output):
-        return gather_seq(output, SEQ_DIM, length.full, group, reduce_grad=False, grad_scale=sp)
+        return calls.gather(output, length.full)
 
     return hook

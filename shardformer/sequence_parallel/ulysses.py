@@ -33,6 +33,7 @@ from torch import nn
 from ..comm import all_to_all, gather_from_group, pad_to_multiple, split_seq
 from ..mesh import ParallelGroups
 from .common import SequenceLength, layer_paths, resolve_final_norm, sequence_length
+from .ring import make_ring_attention, zigzag_chunk, zigzag_split
 
 SEQ_DIM = 1  # hidden states [batch, sequence, hidden]
 _HEADS, _ATTN_SEQ = 1, 2  # q, k, v as attention functions take them: [batch, heads, sequence, dim]
@@ -40,6 +41,10 @@ _HEADS, _ATTN_SEQ = 1, 2  # q, k, v as attention functions take them: [batch, he
 
 @dataclass
 class UlyssesPlan:
+    """What an sp-axis mode installs; `mode` is "all_to_all" or "ring" (which shares everything
+    here but the attention function and the zig-zag placement, see `ring.py`)."""
+
+    mode: str
     layers: list[str]
     attentions: list[str]
     sp: int
@@ -54,6 +59,11 @@ def plan_ulysses(model: nn.Module, policy, tp_plan, config) -> UlyssesPlan:
 
     tp, sp = config.tp_size, config.sp_size
     inner = model.config._attn_implementation or "eager"
+    layers = layer_paths(model, tp_plan)
+    if tp_plan.head_path is None:
+        resolve_final_norm(model, policy, tp_plan, f"for sp_mode={config.sp_mode!r} on a model without an LM head")
+    if config.sp_mode == "ring":  # heads stay whole over sp; ring runs its own block op
+        return UlyssesPlan("ring", layers, list(tp_plan.attention_attrs), sp, 1, 0)
     if "flash" in inner or inner not in ALL_MASK_ATTENTION_FUNCTIONS:
         raise ValueError(f"ShardConfig.sp_mode='all_to_all' wraps the model's attention, which must be 'sdpa', "
                          f"'eager' or another implementation with a mask function; got "
@@ -69,10 +79,7 @@ def plan_ulysses(model: nn.Module, policy, tp_plan, config) -> UlyssesPlan:
     if not policy.attention_local_attrs:
         raise policy.entry_error("attention_local_attrs", dict(policy.attention_local_attrs),
                                  "must name the attention's per-rank head attributes for sp_mode='all_to_all'")
-    if tp_plan.head_path is None:
-        resolve_final_norm(model, policy, tp_plan, "for sp_mode='all_to_all' on a model without an LM head")
-    layers = layer_paths(model, tp_plan)
-    return UlyssesPlan(layers, list(tp_plan.attention_attrs), sp, kv_repeat,
+    return UlyssesPlan("all_to_all", layers, list(tp_plan.attention_attrs), sp, kv_repeat,
                        (q_local // sp) // (kv_local * kv_repeat // sp))
 
 
@@ -82,18 +89,21 @@ def _chunk(x: torch.Tensor, dim: int, sp: int, rank: int) -> torch.Tensor:
     return pad_to_multiple(x, dim, sp).chunk(sp, dim=dim)[rank]
 
 
-def _layer_pre_hook(length: SequenceLength, group, sp: int, rank: int, first: bool):
+def _layer_pre_hook(length: SequenceLength, group, sp: int, rank: int, first: bool, mode: str):
+    chunk = zigzag_chunk if mode == "ring" else _chunk
+    split = zigzag_split if mode == "ring" else split_seq
+
     def hook(module, args, kwargs):
-        length.full = sequence_length(kwargs, "all_to_all")
+        length.full = sequence_length(kwargs, mode)
         kwargs = dict(kwargs)
         cos_sin = kwargs.get("position_embeddings")
         if cos_sin is not None:
-            kwargs["position_embeddings"] = tuple(_chunk(t, -2, sp, rank) for t in cos_sin)
+            kwargs["position_embeddings"] = tuple(chunk(t, -2, sp, rank) for t in cos_sin)
         if first:
             if args:
-                args = (split_seq(args[0], SEQ_DIM, group, 1.0 / sp),) + tuple(args[1:])
+                args = (split(args[0], SEQ_DIM, group, 1.0 / sp),) + tuple(args[1:])
             else:
-                kwargs["hidden_states"] = split_seq(kwargs["hidden_states"], SEQ_DIM, group, 1.0 / sp)
+                kwargs["hidden_states"] = split(kwargs["hidden_states"], SEQ_DIM, group, 1.0 / sp)
         return args, kwargs
 
     return hook
@@ -131,18 +141,23 @@ def apply_ulysses(model: nn.Module, plan: UlyssesPlan, groups: ParallelGroups) -
 
     group, sp, rank = groups.sp, plan.sp, groups.mesh.get_local_rank("sp")
     inner = model.config._attn_implementation or "eager"
-    name = f"sf_ulysses_{inner}"
-    ALL_ATTENTION_FUNCTIONS.register(name, make_ulysses_attention(inner))
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    if plan.mode == "ring":  # its own block op; sdpa's mask function: no mask for causal without padding
+        name = "sf_ring"
+        ALL_ATTENTION_FUNCTIONS.register(name, make_ring_attention())
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    else:
+        name = f"sf_ulysses_{inner}"
+        ALL_ATTENTION_FUNCTIONS.register(name, make_ulysses_attention(inner))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     lengths = [SequenceLength() for _ in plan.layers]
     for i, path in enumerate(plan.layers):
-        model.get_submodule(path).register_forward_pre_hook(_layer_pre_hook(lengths[i], group, sp, rank, i == 0),
-                                                            with_kwargs=True)
+        hook = _layer_pre_hook(lengths[i], group, sp, rank, i == 0, plan.mode)
+        model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
     for i, path in enumerate(plan.attentions):
         attention = model.get_submodule(path)
         attention.sf_sequence_length, attention.sf_kv_repeat = lengths[i], plan.kv_repeat
         attention.sf_sp_group, attention.sf_sp = group, sp
-        if hasattr(attention, "num_key_value_groups"):
+        if plan.groups_after and hasattr(attention, "num_key_value_groups"):
             attention.num_key_value_groups = plan.groups_after
     model.config._attn_implementation = name
     return lengths

@@ -45,7 +45,7 @@ def _fused_loss_applies(model, head, kwargs) -> bool:
 def run_forward(model, hf_forward, args: tuple, kwargs: dict, takes_return_dict: bool = True, sequence=None):
     """HF's `hf_forward(model, *args, **kwargs)` with the output handling of the module docstring;
     `takes_return_dict`: `accepts_return_dict(hf_forward)`, computed once by the caller;
-    `sequence`: the sp axis's per-call handling (`sequence_parallel.UlyssesCalls`), or None."""
+    `sequence`: the sp axis's per-call handling (`sequence_parallel.SequenceCalls`), or None."""
     head, group = model.sf_lm_head, model.sf_mesh.get_group("tp")
     full = None
     if sequence is not None:
