@@ -59,12 +59,23 @@ def device_type() -> str:
     return "cuda" if "nccl" in str(backend) and torch.cuda.is_available() else "cpu"
 
 
+# Process groups are resources of the process (each holds connections and threads); sharding a
+# second model with the same layout reuses them instead of creating them again. Keyed by the
+# default process group too, so a re-initialised world starts afresh. The mesh itself is still
+# an object passed explicitly (model.sf_mesh); these are only memos of what was created.
+_MESHES: dict = {}
+_SUBGROUPS: dict = {}
+
+
 def build_mesh(config: ShardConfig) -> DeviceMesh:
-    """A DeviceMesh of shape (dp, pp, sp, tp) over the current world."""
+    """A DeviceMesh of shape (dp, pp, sp, tp) over the current world (created once per shape)."""
     world = require_process_group()
     dp = check_world(config, world)
     shape = (dp, config.pp_size, config.sp_size, config.tp_size)
-    return init_device_mesh(device_type(), shape, mesh_dim_names=MESH_AXES)
+    key = (id(dist.group.WORLD), device_type(), shape)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device_type(), shape, mesh_dim_names=MESH_AXES)
+    return _MESHES[key]
 
 
 def _rows(mesh: DeviceMesh, axes: tuple[str, ...]) -> list[list[int]]:
@@ -78,9 +89,12 @@ def _rows(mesh: DeviceMesh, axes: tuple[str, ...]) -> list[list[int]]:
 
 
 def new_subgroups(rows: list[list[int]]):
-    """This rank's group among `rows` (a collective: every rank calls it with the same rows)."""
-    group, _ = dist.new_subgroups_by_enumeration(rows)
-    return group
+    """This rank's group among `rows` (a collective, the first time: every rank calls it with the
+    same rows)."""
+    key = (id(dist.group.WORLD), tuple(tuple(row) for row in rows))
+    if key not in _SUBGROUPS:
+        _SUBGROUPS[key], _ = dist.new_subgroups_by_enumeration(rows)
+    return _SUBGROUPS[key]
 
 
 @dataclass
@@ -135,8 +149,18 @@ def build_groups(mesh: DeviceMesh, block_sizes=()) -> ParallelGroups:
     replica_rows = _rows(mesh, ("pp", "sp", "tp"))
     me = dist.get_rank()
     mine = next(row for row in replica_rows if me in row)
-    groups = ParallelGroups(mesh, new_subgroups(replica_rows), mine, replica_rows)
-    groups.data = groups.dp if groups.size("sp") == 1 else new_subgroups(_rows(mesh, ("dp", "sp")))
+    sizes = {axis: mesh.size(i) for i, axis in enumerate(mesh.mesh_dim_names)}
+    if sizes["pp"] * sizes["sp"] == 1:  # the replica is the tp group: no new group
+        replica = mesh.get_group("tp")
+    elif sizes["pp"] * sizes["tp"] == 1:
+        replica = mesh.get_group("sp")
+    else:
+        replica = new_subgroups(replica_rows)
+    groups = ParallelGroups(mesh, replica, mine, replica_rows)
+    if sizes["sp"] == 1 or sizes["dp"] == 1:
+        groups.data = groups.dp if sizes["sp"] == 1 else groups.sp
+    else:
+        groups.data = new_subgroups(_rows(mesh, ("dp", "sp")))
     tp = groups.size("tp")
     for n in sorted(set(block_sizes)):
         if 1 < n < tp:

@@ -5,7 +5,8 @@
 
 A worker that raises makes `run` raise with the rank's traceback. A rank that fails between
 collectives can leave the others waiting: `run` then times out, the pool is torn down, and the
-next `run` on it starts a fresh one.
+next `run` on it starts a fresh one. A worker whose parent is gone (the test run was killed)
+exits instead of lingering.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, tasks, results):
+def _worker(rank: int, world: int, port: int, tasks, results, parent: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch
@@ -31,7 +32,12 @@ def _worker(rank: int, world: int, port: int, tasks, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:  # orphaned: the test run is gone
+                os._exit(0)
+            continue
         if task is None:
             break
         fn, args, kwargs = task
@@ -53,7 +59,8 @@ class ProcessPool:
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(self.world_size)]
         self.procs = [
-            ctx.Process(target=_worker, args=(r, self.world_size, port, self.tasks[r], self.results), daemon=True)
+            ctx.Process(target=_worker, args=(r, self.world_size, port, self.tasks[r], self.results, os.getpid()),
+                        daemon=True)
             for r in range(self.world_size)
         ]
         for p in self.procs:
