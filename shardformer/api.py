@@ -87,7 +87,7 @@ class ShardedModelMixin:
 
     def _check_training_batch(self, batch) -> None:
         name = type(self).__name__
-        if "labels" not in inspect.signature(self.forward).parameters:
+        if not self.sf_takes_labels:
             raise ValueError(f"forward_backward needs a model that computes a loss: {name}.forward takes no "
                              "labels (use a model with a head, e.g. *ForCausalLM, or call model(...) and "
                              "backward yourself)")
@@ -133,7 +133,9 @@ def _sharded_class(cls: type) -> type:
             check_batch(self.sf_groups, args, kwargs)
         return run_forward(self, hf_forward, args, kwargs, takes_return_dict, self.sf_sequence_calls)
 
-    sharded = type(cls.__name__, (ShardedModelMixin, cls), {"__module__": cls.__module__, "forward": forward})
+    takes_labels = "labels" in inspect.signature(hf_forward).parameters  # once, not per training step
+    sharded = type(cls.__name__, (ShardedModelMixin, cls),
+                   {"__module__": cls.__module__, "forward": forward, "sf_takes_labels": takes_labels})
     sharded.__qualname__ = cls.__qualname__
     return sharded
 

@@ -51,11 +51,6 @@ class ShardSpec:
         return self.shards > 1
 
     @property
-    def tp(self) -> int:
-        """Ranks in the tp group this spec was made for."""
-        return self.shards * self.replicas
-
-    @property
     def local(self) -> int:
         """Size along `dim` of one piece (padding included)."""
         return padded_size(self.full, self.shards) // self.shards

@@ -23,6 +23,14 @@ def sequence_length(kwargs: dict, mode: str) -> int:
                        "position_embeddings or position_ids argument; this model passes neither")
 
 
+def with_hidden_states(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
+    """A decoder layer's (args, kwargs) with `fn` applied to its hidden states (the first
+    positional argument, or the `hidden_states` keyword)."""
+    if args:
+        return (fn(args[0]),) + tuple(args[1:]), kwargs
+    return args, dict(kwargs, hidden_states=fn(kwargs["hidden_states"]))
+
+
 def layer_paths(model, tp_plan) -> list[str]:
     """The decoder layers' paths in `model`."""
     return [f"{tp_plan.layers_path}.{i}" for i in range(len(model.get_submodule(tp_plan.layers_path)))]

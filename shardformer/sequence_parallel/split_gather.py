@@ -32,7 +32,7 @@ from torch import nn
 from .. import comm
 from ..comm import gather_seq, split_seq
 from ..sharding import ShardSpec, record_specs
-from .common import SequenceLength, layer_paths, resolve_final_norm, sequence_length
+from .common import SequenceLength, layer_paths, resolve_final_norm, sequence_length, with_hidden_states
 
 SEQ_DIM = 1  # transformers' hidden states are [batch, sequence, hidden]
 
@@ -78,9 +78,7 @@ def _layer_pre_hook(length: SequenceLength, group, first: bool):
         length.full = sequence_length(kwargs, "split_gather")
         if not first:
             return None
-        if args:
-            return (split_seq(args[0], SEQ_DIM, group),) + tuple(args[1:]), kwargs
-        return args, dict(kwargs, hidden_states=split_seq(kwargs["hidden_states"], SEQ_DIM, group))
+        return with_hidden_states(args, kwargs, lambda h: split_seq(h, SEQ_DIM, group))
 
     return hook
 

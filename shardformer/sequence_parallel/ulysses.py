@@ -32,7 +32,7 @@ from torch import nn
 
 from ..comm import all_to_all, gather_from_group, pad_to_multiple, split_seq
 from ..mesh import ParallelGroups
-from .common import SequenceLength, layer_paths, resolve_final_norm, sequence_length
+from .common import SequenceLength, layer_paths, resolve_final_norm, sequence_length, with_hidden_states
 from .ring import make_ring_attention, zigzag_chunk, zigzag_split
 
 SEQ_DIM = 1  # hidden states [batch, sequence, hidden]
@@ -100,10 +100,7 @@ def _layer_pre_hook(length: SequenceLength, group, sp: int, rank: int, first: bo
         if cos_sin is not None:
             kwargs["position_embeddings"] = tuple(chunk(t, -2, sp, rank) for t in cos_sin)
         if first:
-            if args:
-                args = (split(args[0], SEQ_DIM, group, 1.0 / sp),) + tuple(args[1:])
-            else:
-                kwargs["hidden_states"] = split(kwargs["hidden_states"], SEQ_DIM, group, 1.0 / sp)
+            return with_hidden_states(args, kwargs, lambda h: split(h, SEQ_DIM, group, 1.0 / sp))
         return args, kwargs
 
     return hook
