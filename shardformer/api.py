@@ -93,6 +93,8 @@ class ShardedModelMixin:
                              "backward yourself)")
         if batch.get("labels") is None:
             raise ValueError(f"forward_backward needs labels=...: without labels {name} returns no loss")
+        if self.sf_sequence_calls is not None:
+            self.sf_sequence_calls.validate(batch)
 
     def _batch_range_flags(self, batch) -> torch.Tensor:
         """int64 [2] on the batch's device: input ids / labels outside the vocabulary (1 = bad)."""
@@ -129,6 +131,8 @@ def _sharded_class(cls: type) -> type:
 
     @functools.wraps(hf_forward)
     def forward(self, *args, **kwargs):
+        if self.sf_sequence_calls is not None and not self.sf_batch_checked:
+            self.sf_sequence_calls.validate(kwargs)
         if self.sf_config.check_batch and not self.sf_batch_checked:
             check_batch(self.sf_groups, args, kwargs)
         return run_forward(self, hf_forward, args, kwargs, takes_return_dict, self.sf_sequence_calls)

@@ -96,6 +96,6 @@ def check_compiled_sequence_parallel(mode):
     return breaks
 
 
-@pytest.mark.parametrize("mode", ["split_gather", "all_to_all"])
+@pytest.mark.parametrize("mode", ["split_gather", "all_to_all", "ring"])
 def test_compile_sequence_parallel_without_graph_breaks(pools, mode):
     assert pools(2).run(check_compiled_sequence_parallel, mode) == [0, 0]

@@ -461,12 +461,23 @@ def test_ring_attention(pools, world, sp, seq, tied):
 
 
 def check_ring_refuses_padding():
+    """dp 2 x sp 2: only the second dp replica's batch has padding. forward_backward raises the
+    ValueError on every rank (the others name the padded ranks), before any collective of the
+    model: no rank goes on into the ring or the gradient reduction, so nothing hangs."""
     model = sf.shard_model(build("llama"), config=sf.ShardConfig(sp_size=2, sp_mode="ring"))
-    ids, labels = batch(2, seq=11)
+    padded_replica = torch.distributed.get_rank() >= 2
+    ids, labels = batch(2, seq=11, seed=int(padded_replica))
     mask = torch.ones_like(ids)
-    mask[0, -3:] = 0
-    with pytest.raises(ValueError, match="without padding"):
+    if padded_replica:
+        mask[0, -3:] = 0
+    with pytest.raises(ValueError, match="without padding") as raised:
         model.forward_backward(input_ids=ids, attention_mask=mask, labels=labels)
+    if not padded_replica:
+        assert "rank 2" in str(raised.value) and "rank 3" in str(raised.value), raised.value
+    assert all(p.grad is None for p in model.parameters())  # no backward ran anywhere
+    if padded_replica:
+        with pytest.raises(ValueError, match="without padding"):  # the plain call: before its batch check
+            model(input_ids=ids, attention_mask=mask, labels=labels)
     model.forward_backward(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)  # all ones: fine
     return True
 
@@ -479,4 +490,4 @@ def test_ring_with_checkpointing_other_heads_and_padding_refused(pools):
     assert max(run(check_equivalence, "llama", 1, True, 1, False, 2, False, "ring", 11, 2)) <= TOL
     for family in ("llama-model", "llama-seqcls"):
         assert max(run(check_equivalence, family, 1, False, 1, False, 2, True, "ring", 11, 2)) <= TOL
-    run(check_ring_refuses_padding)
+    assert pools(4).run(check_ring_refuses_padding) == [True] * 4

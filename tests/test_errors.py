@@ -111,6 +111,9 @@ def check_head_divisibility():
     flash.config._attn_implementation = "flash_attention_2"
     _expect_value_error(flash, sf.ShardConfig(sp_size=4, sp_mode="all_to_all"), "ShardConfig.sp_mode='all_to_all'",
                         "model.config._attn_implementation='flash_attention_2'")
+    windowed = build("mistral", sliding_window=8)  # ring runs full causal attention: no window
+    _expect_value_error(windowed, sf.ShardConfig(sp_size=4, sp_mode="ring"), "ShardConfig.sp_mode='ring'",
+                        "model.config.sliding_window=8")
     six_sp = build("llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
     _expect_value_error(six_sp, sf.ShardConfig(tp_size=1, sp_size=4, sp_mode="all_to_all"), "ShardConfig.sp_size=4",
                         "model.config.num_attention_heads=6")

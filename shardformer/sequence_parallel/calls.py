@@ -1,15 +1,16 @@
 """One call of an sp-axis model (Ulysses, ring): its inputs split, its loss and outputs made whole.
 
+`SequenceCalls.validate(kwargs)` runs first, before the call's batch check (its first collective):
+  * ring refuses a padding mask (causal training without padding only);
+  * the KV cache: a call that brings one or asks for it (`generate`) is refused.
 `SequenceCalls.prepare(kwargs, args)` runs before HF's forward:
   * labels: shifted on the whole sequence (or `shift_labels` as given), padded with the ignore
     index to a multiple of sp (2 sp for ring), and this rank's chunk (ring: zig-zag chunks)
     passed as `shift_labels`; the count of
     targets of the whole batch goes as `num_items_in_batch` (unless given), so each rank's loss
     is the sum over its tokens divided by the whole batch's count;
-  * the KV cache is off (`use_cache=False`); a call that brings one or asks for it
-    (`generate`) is refused;
-  * `logits_to_keep` is applied after the logits are gathered (each rank holds a chunk);
-  * ring refuses a padding mask (causal training without padding only).
+  * the KV cache is off (`use_cache=False`);
+  * `logits_to_keep` is applied after the logits are gathered (each rank holds a chunk).
 `finish(model, out, prepared)` runs after it:
   * the loss: the ranks' parts summed over sp (backward: times sp, the gradient convention of
     `ulysses.py`);
@@ -17,6 +18,7 @@
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..comm import gather_seq, sum_over
@@ -31,14 +33,18 @@ class SequenceCalls:
     def __init__(self, group, sp: int, rank: int, has_lm_head: bool, zigzag: bool = False):
         self.group, self.sp, self.rank, self.has_lm_head, self.zigzag = group, sp, rank, has_lm_head, zigzag
 
-    def prepare(self, kwargs: dict, args: tuple) -> tuple[dict, int]:
-        """(the kwargs to call HF with, the true sequence length)."""
-        if self.zigzag and kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):
+    def validate(self, kwargs: dict) -> None:
+        """Refuse, before any collective of the call, what this mode cannot run (ValueError)."""
+        mask = kwargs.get("attention_mask")
+        if self.zigzag and torch.is_tensor(mask) and not bool(mask.all()):
             raise ValueError("sp_mode='ring' supports causal training without padding: this batch's attention_mask "
                              "has zeros; use sp_mode='all_to_all' or 'split_gather' for padded batches")
         if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
-            raise ValueError("this sp_mode does not support a KV cache (generate); run generation on a "
-                             "model sharded without sequence parallelism")
+            raise ValueError("this sp_mode does not support a KV cache (generate, use_cache=True); run generation "
+                             "on a model sharded without sequence parallelism")
+
+    def prepare(self, kwargs: dict, args: tuple) -> tuple[dict, int]:
+        """(the kwargs to call HF with, the true sequence length); `validate` ran before."""
         source = kwargs.get("input_ids", args[0] if args else None)
         if source is None:
             source = kwargs.get("inputs_embeds")

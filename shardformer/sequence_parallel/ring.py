@@ -11,15 +11,20 @@ K/V (causal), an earlier rank's (every query against the block's first chunk) or
 (the second query chunk against the whole block). Backward passes K/V around again together with
 their accumulating gradients, each block's gradients from the flash backward op given the merged
 output and log-sum-exp, and hands the gradients back to their owners.
+Forward and backward are two custom ops (`shardformer::ring_attention[_backward]`), so
+torch.compile records one opaque call per layer instead of breaking the graph at the
+point-to-point traffic; the zig-zag split and gather are a local reorder around the functional
+sequence split / gather of `comm.py`.
 The block op is aten's CPU flash attention; on other devices ring refuses (not tested there yet).
-Causal training without padding only: a padding mask is refused.
+Causal training without padding or sliding window only: both are refused.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 
-from ..comm import pad_to_multiple
+from ..comm import gather_seq, pad_to_multiple, split_seq
 
 _SEQ = 2  # q, k, v as attention functions take them: [batch, heads, sequence, dim]
 
@@ -31,52 +36,32 @@ def zigzag_chunk(x: torch.Tensor, dim: int, sp: int, rank: int) -> torch.Tensor:
     return torch.cat([chunks[rank], chunks[2 * sp - 1 - rank]], dim=dim)
 
 
-def _unzigzag(pieces: list[torch.Tensor], dim: int, full: int) -> torch.Tensor:
-    """The whole sequence (cut to `full`) from every rank's two chunks, in rank order."""
-    sp = len(pieces)
-    halves = [p.chunk(2, dim=dim) for p in pieces]
-    ordered = [halves[r][0] for r in range(sp)] + [halves[sp - 1 - i][1] for i in range(sp)]
-    return torch.cat(ordered, dim=dim).narrow(dim, 0, full)
+def _zigzag_order(x: torch.Tensor, dim: int, sp: int) -> torch.Tensor:
+    """x (a multiple of 2 sp long on dim) with its chunks reordered 0, 2sp-1, 1, 2sp-2, ...: rank
+    r's zig-zag chunks become the r-th contiguous 1/sp of it (a local, differentiable op)."""
+    chunks = x.chunk(2 * sp, dim=dim)
+    return torch.cat([chunks[i] for r in range(sp) for i in (r, 2 * sp - 1 - r)], dim=dim)
 
 
-def _all_pieces(x: torch.Tensor, group) -> list[torch.Tensor]:
-    pieces = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(pieces, x.contiguous(), group=group)
-    return pieces
-
-
-class _ZigzagSplit(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group, grad_scale):
-        ctx.dim, ctx.group, ctx.full, ctx.grad_scale = dim, group, x.shape[dim], grad_scale
-        return zigzag_chunk(x, dim, dist.get_world_size(group), dist.get_rank(group))
-
-    @staticmethod
-    def backward(ctx, grad):
-        whole = _unzigzag(_all_pieces(grad, ctx.group), ctx.dim, ctx.full)
-        return whole * ctx.grad_scale, None, None, None
-
-
-class _ZigzagGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, full, group, grad_scale):
-        ctx.dim, ctx.group, ctx.grad_scale = dim, group, grad_scale
-        return _unzigzag(_all_pieces(x, group), dim, full)
-
-    @staticmethod
-    def backward(ctx, grad):
-        sp, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        return zigzag_chunk(grad, ctx.dim, sp, rank) * ctx.grad_scale, None, None, None, None
+def _natural_order(x: torch.Tensor, dim: int, sp: int) -> torch.Tensor:
+    """The inverse of `_zigzag_order`."""
+    pairs = [pair.chunk(2, dim=dim) for pair in x.chunk(sp, dim=dim)]
+    return torch.cat([pairs[r][0] for r in range(sp)] + [pairs[sp - 1 - i][1] for i in range(sp)], dim=dim)
 
 
 def zigzag_split(x, dim, group, grad_scale=1.0):
-    """This rank's zig-zag chunks; backward all-gathers the gradient (times grad_scale)."""
-    return _ZigzagSplit.apply(x, dim, group, grad_scale)
+    """This rank's zig-zag chunks (the sequence zero-padded to a multiple of 2 sp); backward
+    all-gathers the gradient (times grad_scale). Functional collectives: compiles."""
+    sp = dist.get_world_size(group)
+    return split_seq(_zigzag_order(pad_to_multiple(x, dim, 2 * sp), dim, sp), dim, group, grad_scale)
 
 
 def zigzag_gather(x, dim, full, group, grad_scale=1.0):
-    """The whole sequence from every rank's zig-zag chunks; backward keeps this rank's chunks."""
-    return _ZigzagGather.apply(x, dim, full, group, grad_scale)
+    """The whole sequence (cut to `full`) from every rank's zig-zag chunks; backward keeps this
+    rank's chunks (times grad_scale)."""
+    sp = dist.get_world_size(group)
+    ordered = gather_seq(x, dim, x.shape[dim] * sp, group, reduce_grad=False, grad_scale=grad_scale)
+    return _natural_order(ordered, dim, sp).narrow(dim, 0, full)
 
 
 # ---------------------------------------------------------------------------- the ring
@@ -130,60 +115,101 @@ def _fold(g: torch.Tensor, groups: int) -> torch.Tensor:
     return g if groups == 1 else g.unflatten(1, (g.shape[1] // groups, groups)).sum(2)
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, scale):
-        sp, rank = dist.get_world_size(group), dist.get_rank(group)
-        half, groups = q.shape[_SEQ] // 2, q.shape[1] // k.shape[1]
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-        kv = [k, v]
-        for step in range(sp):
-            owner = (rank - step) % sp
-            rows, cols, causal = _queries_and_keys(owner, rank, half)
-            block_out, block_lse = _block(q[:, :, rows], _expand(kv[0][:, :, cols], groups),
-                                          _expand(kv[1][:, :, cols], groups), causal, scale)
-            _merge(out, lse, rows, block_out.float(), block_lse.float())
-            if step < sp - 1:
-                kv = _shift(kv, group)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale = group, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, scale = ctx.group, ctx.scale
-        sp, rank = dist.get_world_size(group), dist.get_rank(group)
-        half, groups = q.shape[_SEQ] // 2, q.shape[1] // k.shape[1]
-        grad = grad.contiguous()
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        travelling = [k, v, torch.zeros(k.shape, dtype=torch.float32, device=k.device),
-                      torch.zeros(v.shape, dtype=torch.float32, device=v.device)]
-        for step in range(sp):
-            owner = (rank - step) % sp
-            rows, cols, causal = _queries_and_keys(owner, rank, half)
-            kb, vb, dk, dv = travelling
-            gq, gk, gv = _block_backward(grad[:, :, rows], q[:, :, rows].contiguous(),
-                                         _expand(kb[:, :, cols], groups).contiguous(),
-                                         _expand(vb[:, :, cols], groups).contiguous(), out[:, :, rows].contiguous(),
-                                         lse[:, :, rows].contiguous(), causal, scale)
-            dq[:, :, rows] += gq.float()
-            dk[:, :, cols] += _fold(gk.float(), groups)
-            dv[:, :, cols] += _fold(gv.float(), groups)
-            travelling = _shift(travelling, group)  # after sp hops each block is home with its gradients
-        _, _, dk, dv = travelling
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+def _ring_forward_impl(q, k, v, group, scale):
+    sp, rank = dist.get_world_size(group), dist.get_rank(group)
+    half, groups = q.shape[_SEQ] // 2, q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    kv = [k, v]
+    for step in range(sp):
+        owner = (rank - step) % sp
+        rows, cols, causal = _queries_and_keys(owner, rank, half)
+        block_out, block_lse = _block(q[:, :, rows], _expand(kv[0][:, :, cols], groups),
+                                      _expand(kv[1][:, :, cols], groups), causal, scale)
+        _merge(out, lse, rows, block_out.float(), block_lse.float())
+        if step < sp - 1:
+            kv = _shift(kv, group)
+    return out.to(q.dtype), lse
 
 
-def ring_attention(q, k, v, group, scale):
+def _ring_backward_impl(grad, q, k, v, out, lse, group, scale):
+    sp, rank = dist.get_world_size(group), dist.get_rank(group)
+    half, groups = q.shape[_SEQ] // 2, q.shape[1] // k.shape[1]
+    grad = grad.contiguous()
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    travelling = [k, v, torch.zeros(k.shape, dtype=torch.float32, device=k.device),
+                  torch.zeros(v.shape, dtype=torch.float32, device=v.device)]
+    for step in range(sp):
+        owner = (rank - step) % sp
+        rows, cols, causal = _queries_and_keys(owner, rank, half)
+        kb, vb, dk, dv = travelling
+        gq, gk, gv = _block_backward(grad[:, :, rows], q[:, :, rows].contiguous(),
+                                     _expand(kb[:, :, cols], groups).contiguous(),
+                                     _expand(vb[:, :, cols], groups).contiguous(), out[:, :, rows].contiguous(),
+                                     lse[:, :, rows].contiguous(), causal, scale)
+        dq[:, :, rows] += gq.float()
+        dk[:, :, cols] += _fold(gk.float(), groups)
+        dv[:, :, cols] += _fold(gv.float(), groups)
+        travelling = _shift(travelling, group)  # after sp hops each block is home with its gradients
+    _, _, dk, dv = travelling
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# The ring as two custom ops: torch.compile treats each as one opaque call (its point-to-point
+# traffic stays outside the graph) instead of breaking the graph at every layer; the process
+# group travels by name.
+@torch.library.custom_op("shardformer::ring_attention", mutates_args=())
+def _ring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ring_forward_impl(q, k, v, _resolve_process_group(group_name), scale)
+
+
+@_ring_op.register_fake
+def _(q, k, v, group_name, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("shardformer::ring_attention_backward", mutates_args=())
+def _ring_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, group_name: str,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ring_backward_impl(grad, q, k, v, out, lse, _resolve_process_group(group_name), scale)
+
+
+@_ring_backward_op.register_fake
+def _(grad, q, k, v, out, lse, group_name, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, group_name, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.group_name, ctx.scale = group_name, scale
+
+
+def _backward(ctx, grad, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _ring_backward_op(grad, q, k, v, out, lse, ctx.group_name, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_ring_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ring_attention(q, k, v, group, scale=None):
     """Causal attention of zig-zag-placed q [B, H, 2L, D] and k, v [B, H_kv, 2L, D] over the ring
     (K/V travel with their own heads; each block repeats them for GQA)."""
     if q.device.type != "cpu":
         raise NotImplementedError("sp_mode='ring' runs its blocks with aten's CPU flash-attention op; "
                                   f"{q.device.type} is not supported yet")
-    return _RingAttention.apply(q, k, v, group, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _ring_op(q.contiguous(), k.contiguous(), v.contiguous(), group.group_name, scale)[0]
+
+
+def no_mask(*args, **kwargs):
+    """The mask function registered with the ring attention: it is causal by construction and
+    takes no mask (also under torch.compile, where transformers' sdpa one would build one)."""
+    return None
 
 
 def make_ring_attention():

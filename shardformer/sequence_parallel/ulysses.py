@@ -33,7 +33,7 @@ from torch import nn
 from ..comm import all_to_all, gather_from_group, pad_to_multiple, split_seq
 from ..mesh import ParallelGroups
 from .common import SequenceLength, layer_paths, resolve_final_norm, sequence_length, with_hidden_states
-from .ring import make_ring_attention, zigzag_chunk, zigzag_split
+from .ring import make_ring_attention, no_mask, zigzag_chunk, zigzag_split
 
 SEQ_DIM = 1  # hidden states [batch, sequence, hidden]
 _HEADS, _ATTN_SEQ = 1, 2  # q, k, v as attention functions take them: [batch, heads, sequence, dim]
@@ -63,6 +63,10 @@ def plan_ulysses(model: nn.Module, policy, tp_plan, config) -> UlyssesPlan:
     if tp_plan.head_path is None:
         resolve_final_norm(model, policy, tp_plan, f"for sp_mode={config.sp_mode!r} on a model without an LM head")
     if config.sp_mode == "ring":  # heads stay whole over sp; ring runs its own block op
+        window = getattr(model.config, "sliding_window", None)
+        if window is not None and getattr(model.config, "use_sliding_window", True):
+            raise ValueError(f"ShardConfig.sp_mode='ring' runs full causal attention; model.config.sliding_window="
+                             f"{window} asks for a sliding window (use sp_mode='all_to_all')")
         return UlyssesPlan("ring", layers, list(tp_plan.attention_attrs), sp, 1, 0)
     if "flash" in inner or inner not in ALL_MASK_ATTENTION_FUNCTIONS:
         raise ValueError(f"ShardConfig.sp_mode='all_to_all' wraps the model's attention, which must be 'sdpa', "
@@ -138,10 +142,10 @@ def apply_ulysses(model: nn.Module, plan: UlyssesPlan, groups: ParallelGroups) -
 
     group, sp, rank = groups.sp, plan.sp, groups.mesh.get_local_rank("sp")
     inner = model.config._attn_implementation or "eager"
-    if plan.mode == "ring":  # its own block op; sdpa's mask function: no mask for causal without padding
+    if plan.mode == "ring":  # its own causal block op: no mask (padding is refused by SequenceCalls.validate)
         name = "sf_ring"
         ALL_ATTENTION_FUNCTIONS.register(name, make_ring_attention())
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, no_mask)
     else:
         name = f"sf_ulysses_{inner}"
         ALL_ATTENTION_FUNCTIONS.register(name, make_ulysses_attention(inner))
