@@ -2,7 +2,8 @@
 
     plan (no collective: plan.py) -> all ranks agree -> mesh and groups (collectives)
     -> apply in one fixed order: fused kernels, tensor parallelism, sequence parallelism,
-       gradient checkpointing, the gradient reducer -> all ranks agree -> the sharded class
+       gradient checkpointing, pipeline stages, the gradient reducer -> all ranks agree
+    -> the sharded class
 
 The model object itself is sharded in place and returned: its class becomes a subclass of the
 original (same name) that adds `forward_backward` (the training step, for any layout),
@@ -31,6 +32,7 @@ from .data_parallel import GradReducer
 from .fusion import apply_fused_kernels
 from .grad_clip import clip_grad_norm_
 from .mesh import build_groups, build_mesh, require_process_group
+from .pipeline import apply_pipeline
 from .plan import LayoutPlan, plan_layout
 from .sequence_parallel import SequenceCalls, apply_split_gather, apply_ulysses, gather_hidden_hook
 from .tensor_parallel import accepts_return_dict, apply_tensor_parallel, run_forward
@@ -48,8 +50,9 @@ def describe_layout(model, groups) -> str:
     modules = ", ".join(f"{count} {name}" for name, count in sorted(ours.items())) or "none"
     config = model.sf_config
     sequence = f", sequence parallel {config.sp_mode}" if config.sp_mode else ""
+    pipeline = f"; {model.sf_pipeline.plan.describe()}" if model.sf_pipeline is not None else ""
     return (f"shardformer: mesh {shape}{sequence}; substituted {modules}; "
-            f"attention {model.config._attn_implementation}")
+            f"attention {model.config._attn_implementation}{pipeline}")
 
 
 class ShardedModelMixin:
@@ -63,16 +66,13 @@ class ShardedModelMixin:
         Every rank of one replica passes the same batch (checked unless
         `ShardConfig.check_batch=False`). A bad batch on any rank (no labels, an id or label
         outside the vocabulary) raises on every rank: the ranks share the outcome of that
-        validation in one tiny all-gather over the world, with or without the check."""
-        error = None
-        try:
-            self._check_training_batch(batch)
-        except ValueError as err:
-            error = err
-        flags = self._batch_range_flags(batch) if error is None else torch.zeros(2, dtype=torch.int64)
-        bad = check_batch(self.sf_groups, (), batch, dist.group.WORLD, error, flags, "forward_backward",
-                          compare=self.sf_config.check_batch)
-        self._raise_range_error(bad)
+        validation in one tiny all-gather over the world, with or without the check.
+        With pipeline parallelism the configured schedule runs every microbatch; a failure on
+        any rank inside it raises on every rank (a waiting stage gives up after
+        `ShardConfig.pipeline_timeout_s`), naming every failing rank's error."""
+        self._validate_step(batch, "forward_backward")
+        if self.sf_pipeline is not None:
+            return self._pipeline_step(batch, train=True)
         self.sf_batch_checked = True
         try:
             out = self(**batch)
@@ -82,6 +82,48 @@ class ShardedModelMixin:
         if loss is None or loss.dim() != 0:
             raise ValueError(f"forward_backward: {type(self).__name__} returned no scalar loss for this batch")
         loss.backward()
+        return self._dp_mean(loss)
+
+    @torch.no_grad()
+    def forward_loss(self, **batch) -> torch.Tensor:
+        """The loss of this batch without backward (evaluation), for any layout, pipeline
+        included; averaged over dp, the same value on every rank. Same batch rules and
+        validation as `forward_backward`."""
+        self._validate_step(batch, "forward_loss")
+        if self.sf_pipeline is not None:
+            return self._pipeline_step(batch, train=False)
+        self.sf_batch_checked = True
+        try:
+            out = self(**batch)
+        finally:
+            self.sf_batch_checked = False
+        return self._dp_mean(out[0] if isinstance(out, tuple) else out.loss)
+
+    def _validate_step(self, batch, what: str) -> None:
+        error = None
+        try:
+            self._check_training_batch(batch)
+        except ValueError as err:
+            error = err
+        flags = self._batch_range_flags(batch) if error is None else torch.zeros(2, dtype=torch.int64)
+        bad = check_batch(self.sf_groups, (), batch, dist.group.WORLD, error, flags, what,
+                          compare=self.sf_config.check_batch)
+        self._raise_range_error(bad)
+
+    def _pipeline_step(self, batch, train: bool) -> torch.Tensor:
+        runner, error, loss = self.sf_pipeline, None, None
+        what = "forward_backward" if train else "forward_loss"
+        with self.sf_grad_reducer.no_sync():
+            try:
+                loss = runner.train_step(batch) if train else runner.eval_step(batch)
+            except Exception as err:  # noqa: BLE001 - every rank raises below
+                error = err
+        agree_on_failure(error, None, what, name_all=True)
+        if train:
+            self.sf_grad_reducer.reduce_now()  # once, after the last microbatch
+        return self._dp_mean(loss)
+
+    def _dp_mean(self, loss: torch.Tensor) -> torch.Tensor:
         dp_group = self.sf_mesh.get_group("dp")
         return all_reduce_no_grad(loss.detach().clone(), dp_group, "sum") / dist.get_world_size(dp_group)
 
@@ -95,6 +137,8 @@ class ShardedModelMixin:
             raise ValueError(f"forward_backward needs labels=...: without labels {name} returns no loss")
         if self.sf_sequence_calls is not None:
             self.sf_sequence_calls.validate(batch)
+        if self.sf_pipeline is not None:
+            self.sf_pipeline.check_batch(batch)
 
     def _batch_range_flags(self, batch) -> torch.Tensor:
         """int64 [2] on the batch's device: input ids / labels outside the vocabulary (1 = bad)."""
@@ -104,7 +148,7 @@ class ShardedModelMixin:
         flags = torch.zeros(2, dtype=torch.int64, device=device)
         if torch.is_tensor(ids):
             flags[0] = ((ids < 0) | (ids >= vocab)).any()
-        if torch.is_tensor(labels) and self.sf_lm_head is not None:
+        if torch.is_tensor(labels) and self.sf_checks_labels:
             ignore = batch.get("ignore_index", -100)
             flags[1] = (((labels < 0) | (labels >= vocab)) & (labels != ignore)).any()
         return flags
@@ -131,6 +175,9 @@ def _sharded_class(cls: type) -> type:
 
     @functools.wraps(hf_forward)
     def forward(self, *args, **kwargs):
+        if self.sf_pipeline is not None:
+            raise ValueError("with ShardConfig.pp_size > 1 each rank holds only its pipeline stages: train with "
+                             "model.forward_backward(**batch) and evaluate with model.forward_loss(**batch)")
         if self.sf_sequence_calls is not None and not self.sf_batch_checked:
             self.sf_sequence_calls.validate(kwargs)
         if self.sf_config.check_batch and not self.sf_batch_checked:
@@ -189,6 +236,15 @@ def _apply(model, plan: LayoutPlan, groups) -> None:
     model.sf_fused_lm_loss = config.enable_fused_kernels and policy.fused_lm_loss
     model.sf_vocab_size = plan.tp.vocab_spec.full
     model.sf_batch_checked = False
+    model.sf_checks_labels = head is not None
+    model.sf_pipeline = None
+    if plan.pp is not None:
+        hf_forward = type(model).forward
+        takes_return_dict = accepts_return_dict(hf_forward)
+        model.sf_pipeline = apply_pipeline(
+            model, plan.pp, groups, lambda view, call: run_forward(view, hf_forward, (), call, takes_return_dict))
+        if not model.sf_pipeline.has_last:
+            object.__setattr__(model, "sf_lm_head", None)
     model.sf_grad_reducer = GradReducer(model, groups)
     model.__class__ = _sharded_class(type(model))
 
@@ -222,7 +278,9 @@ def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None 
 
     # Every check passed on every rank: from here on collectives run, in the same order everywhere.
     mesh = build_mesh(config)
-    groups = build_groups(mesh, plan.tp.block_sizes)
+    pp = plan.pp
+    tied = (pp.owner(0), pp.owner(pp.stages - 1)) if pp is not None and pp.tied else None
+    groups = build_groups(mesh, plan.tp.block_sizes, config.pipeline_timeout_s, tied)
     with all_or_none(None, "shard_model"):
         _apply(model, plan, groups)
     if dist.get_rank() == 0:

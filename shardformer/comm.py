@@ -249,7 +249,7 @@ def _describe(error: BaseException) -> tuple[str, str]:
     return type(error).__name__, str(error)
 
 
-def raise_if_failed(failed: bool, error: BaseException | None, group, what: str) -> None:
+def raise_if_failed(failed: bool, error: BaseException | None, group, what: str, name_all: bool = False) -> None:
     """Second half of an agreement: every rank of `group` already knows that *some* rank failed
     (`failed`, from a collective they all ran). If so, gather the errors (one more collective)
     and raise: this rank's own error if it has one, else a ValueError (when every failing rank
@@ -258,21 +258,24 @@ def raise_if_failed(failed: bool, error: BaseException | None, group, what: str)
         return
     errors = [None] * dist.get_world_size(group)
     dist.all_gather_object(errors, None if error is None else _describe(error), group=group)
-    if error is not None:
-        raise error
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(len(errors)))
     named = [(rank, e) for rank, e in zip(ranks, errors) if e is not None]
+    if error is not None and (not name_all or len(named) == 1):
+        raise error
     kind = ValueError if all(e[0] == "ValueError" for _, e in named) else RuntimeError
     detail = "; ".join(f"rank {rank}: {name}: {message}" for rank, (name, message) in named)
-    raise kind(f"{what} failed on another rank, so it stops on every rank ({detail})")
+    raise kind(f"{what} failed on {'several ranks' if len(named) > 1 else 'another rank'}, so it stops on every "
+               f"rank ({detail})") from error
 
 
-def agree_on_failure(error: BaseException | None, group, what: str) -> None:
+def agree_on_failure(error: BaseException | None, group, what: str, name_all: bool = False) -> None:
     """One small all-reduce over `group` (every rank must call it, failed or not), then
-    `raise_if_failed`. Returns normally only when no rank of `group` failed."""
+    `raise_if_failed`. Returns normally only when no rank of `group` failed. `name_all`: when
+    several ranks failed (one failure causing others, e.g. timeouts of a pipeline's waiting
+    stages), every rank raises the error naming all of them (chained to its own)."""
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=comm_device(group))
     dist.all_reduce(flag, group=group)
-    raise_if_failed(bool(flag.item()), error, group, what)
+    raise_if_failed(bool(flag.item()), error, group, what, name_all)
 
 
 @contextlib.contextmanager

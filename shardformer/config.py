@@ -21,13 +21,21 @@ class ShardConfig:
 
     Args:
         tp_size: tensor-parallel degree (attention heads, MLP and vocabulary are split over it).
-        pp_size: pipeline-parallel degree (not built yet: values other than 1 raise NotImplementedError).
+        pp_size: pipeline-parallel degree: the decoder layers are cut into stages (models with an
+            LM head; train with `model.forward_backward`, evaluate with `model.forward_loss`).
         sp_size: sequence-parallel degree of the sp axis (all_to_all, ring).
         sp_mode: None; "split_gather" (Megatron sequence parallelism on the tp group: needs
             tp_size > 1, sp_size stays 1); "all_to_all" (Ulysses) or "ring" (ring attention,
             causal, no padding mask, CPU block op for now) on the sp axis: need sp_size > 1.
-        pp_schedule: "gpipe" | "1f1b" | "interleaved" | "zbv"; only meaningful with pp_size > 1.
-        num_microbatches: pipeline microbatches; only meaningful with pp_size > 1.
+        pp_schedule: "gpipe" | "1f1b" | "interleaved" | "zbv" (torch.distributed.pipelining's
+            schedules; interleaved and zbv place 2 stages on each pp rank); needs pp_size > 1
+            unless left at its default.
+        num_microbatches: microbatches per pipeline step (default pp_size); the batch size must
+            divide by it. Needs pp_size > 1.
+        pp_stage_layers: explicit decoder layers per stage (pp_size stages, 2 x pp_size for
+            interleaved and zbv); default: balanced by estimated compute and memory.
+        pipeline_timeout_s: how long a stage waits for a neighbouring stage before the step fails
+            on every rank (a rank that raised inside a stage stops the others this way).
         zero_stage: 0 (plain data parallel) or 1/2/3 (not built yet).
         enable_fused_kernels: let the policy substitute fused-kernel modules (RMSNorm, SwiGLU,
             rotary): CUDA kernels on GPUs, an exact PyTorch reference elsewhere.
@@ -45,6 +53,8 @@ class ShardConfig:
     pp_schedule: str = "1f1b"
     num_microbatches: int | None = None
     zero_stage: int = 0
+    pp_stage_layers: tuple[int, ...] | None = None
+    pipeline_timeout_s: float = 300.0
     enable_fused_kernels: bool = True
     gradient_checkpointing: bool = False
     check_batch: bool = True
@@ -67,6 +77,17 @@ class ShardConfig:
             raise ValueError(
                 f"ShardConfig.num_microbatches must be None or a positive int, got {self.num_microbatches!r}"
             )
+        if self.pp_stage_layers is not None:
+            if isinstance(self.pp_stage_layers, list):
+                object.__setattr__(self, "pp_stage_layers", tuple(self.pp_stage_layers))
+            if (not isinstance(self.pp_stage_layers, tuple) or not self.pp_stage_layers
+                    or not all(is_int(n) and n > 0 for n in self.pp_stage_layers)):
+                raise ValueError(f"ShardConfig.pp_stage_layers must be None or a tuple of positive ints (layers "
+                                 f"per stage), got {self.pp_stage_layers!r}")
+        if (isinstance(self.pipeline_timeout_s, bool) or not isinstance(self.pipeline_timeout_s, (int, float))
+                or not self.pipeline_timeout_s > 0):
+            raise ValueError(f"ShardConfig.pipeline_timeout_s must be a positive number of seconds, "
+                             f"got {self.pipeline_timeout_s!r}")
         if not is_int(self.zero_stage) or self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"ShardConfig.zero_stage must be an int in {ZERO_STAGES}, got {self.zero_stage!r}")
         for name in ("enable_fused_kernels", "gradient_checkpointing", "check_batch"):
@@ -83,14 +104,16 @@ class ShardConfig:
         if self.sp_mode == "split_gather" and self.tp_size < 2:
             raise ValueError("ShardConfig.sp_mode='split_gather' splits the sequence over the tensor-parallel "
                              f"group: it needs ShardConfig.tp_size > 1 (got {self.tp_size})")
+        if self.pp_size == 1:
+            for name, unset in (("pp_schedule", self.pp_schedule == "1f1b"), ("num_microbatches",
+                                self.num_microbatches is None), ("pp_stage_layers", self.pp_stage_layers is None)):
+                if not unset:
+                    raise ValueError(f"ShardConfig.{name}={getattr(self, name)!r} needs ShardConfig.pp_size > 1")
         self._refuse_unbuilt()
 
     def _refuse_unbuilt(self):
         """Fields whose feature does not exist yet: refuse non-default values by name."""
         unbuilt = {
-            "pp_size": (self.pp_size != 1, "pipeline parallelism"),
-            "pp_schedule": (self.pp_schedule != "1f1b", "pipeline schedules"),
-            "num_microbatches": (self.num_microbatches is not None, "pipeline microbatching"),
             "zero_stage": (self.zero_stage != 0, "the ZeRO optimizer"),
         }
         for field_name, (is_set, feature) in unbuilt.items():
@@ -99,6 +122,11 @@ class ShardConfig:
                     f"ShardConfig.{field_name}={getattr(self, field_name)!r}: {feature} is not built yet; "
                     f"leave ShardConfig.{field_name} at its default"
                 )
+
+    @property
+    def virtual_stages(self) -> int:
+        """Pipeline stages per pp rank: 2 for the interleaved and zbv schedules, else 1."""
+        return 2 if self.pp_schedule in ("interleaved", "zbv") else 1
 
     @property
     def model_parallel_size(self) -> int:

@@ -2,7 +2,8 @@
 
 The norm is that of the unsharded model's gradient: each rank adds the norm terms of the
 gradient entries it holds, weighting each entry by 1 / (number of ranks of its replica holding
-it, `ShardSpec.replicas`) so that it counts once per replica. One all-reduce over the whole world
+it: `ShardSpec.replicas` tp ranks times `ShardSpec.stage_copies` pipeline stages) so that it
+counts once per replica. One all-reduce over the whole world
 sums them; every data-parallel (and sequence-parallel) copy holds the same reduced gradients, so
 the sum is divided by dp x sp (for the inf-norm the max needs no division). Same clip rule as
 `torch.nn.utils.clip_grad_norm_`: grads *= min(1, max_norm / (total_norm + 1e-6)).
@@ -32,7 +33,7 @@ def _local_norm_term(model, norm_type: float, device) -> tuple[list[torch.Tensor
         if math.isinf(norm_type):
             partial = torch.maximum(partial, g.abs().max().to(device))
         else:
-            partial = partial + (g.abs().pow(norm_type).sum() / spec.replicas).to(device)
+            partial = partial + (g.abs().pow(norm_type).sum() / (spec.replicas * spec.stage_copies)).to(device)
     return grads, partial
 
 

@@ -1,13 +1,15 @@
-"""The process mesh: a `DeviceMesh` over the `torch.distributed` world with axes (dp, pp, sp, tp),
+"""The process mesh: a `DeviceMesh` over the `torch.distributed` world with axes (pp, dp, sp, tp),
 and the groups derived from it.
 
 tp is the innermost (fastest-varying) axis so that tensor-parallel peers are neighbouring ranks,
-i.e. on the same machine under torchrun. No global state: the mesh and its groups are returned
+i.e. on the same machine under torchrun; pp is the outermost, so the pipeline's point-to-point
+traffic (and dp's) is what crosses machines. No global state: the mesh and its groups are returned
 and travel with the sharded model (`model.sf_mesh`, `model.sf_groups`). Only `MESH_AXES` knows
 the axis order; everything else indexes axes by name.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, field
 
@@ -17,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .config import ShardConfig
 
-MESH_AXES = ("dp", "pp", "sp", "tp")
+MESH_AXES = ("pp", "dp", "sp", "tp")
 
 _LAUNCH_HINT = (
     "launch with torchrun, e.g. `torchrun --nproc_per_node 2 train.py`, and call "
@@ -68,17 +70,18 @@ _SUBGROUPS: dict = {}
 
 
 def build_mesh(config: ShardConfig) -> DeviceMesh:
-    """A DeviceMesh of shape (dp, pp, sp, tp) over the current world (created once per shape)."""
+    """A DeviceMesh of shape (pp, dp, sp, tp) over the current world (created once per shape)."""
     world = require_process_group()
     dp = check_world(config, world)
-    shape = (dp, config.pp_size, config.sp_size, config.tp_size)
+    sizes = {"pp": config.pp_size, "dp": dp, "sp": config.sp_size, "tp": config.tp_size}
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
     key = (id(dist.group.WORLD), device_type(), shape)
     if key not in _MESHES:
         _MESHES[key] = init_device_mesh(device_type(), shape, mesh_dim_names=MESH_AXES)
     return _MESHES[key]
 
 
-def _rows(mesh: DeviceMesh, axes: tuple[str, ...]) -> list[list[int]]:
+def axis_rows(mesh: DeviceMesh, axes: tuple[str, ...]) -> list[list[int]]:
     """The global ranks of the mesh as rows: ranks in one row differ only along `axes`."""
     names = list(mesh.mesh_dim_names)
     order = [i for i, n in enumerate(names) if n not in axes] + [names.index(a) for a in axes]
@@ -88,12 +91,14 @@ def _rows(mesh: DeviceMesh, axes: tuple[str, ...]) -> list[list[int]]:
     return mesh.mesh.permute(order).reshape(-1, width).tolist()
 
 
-def new_subgroups(rows: list[list[int]]):
-    """This rank's group among `rows` (a collective, the first time: every rank calls it with the
-    same rows)."""
-    key = (id(dist.group.WORLD), tuple(tuple(row) for row in rows))
+def new_subgroups(rows: list[list[int]], timeout_s: float | None = None):
+    """This rank's group among `rows` (None when it is in none); a collective the first time:
+    every rank calls it with the same rows. `timeout_s`: how long an operation of the group may
+    wait (default: the process group's)."""
+    key = (id(dist.group.WORLD), tuple(tuple(row) for row in rows), timeout_s)
     if key not in _SUBGROUPS:
-        _SUBGROUPS[key], _ = dist.new_subgroups_by_enumeration(rows)
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        _SUBGROUPS[key], _ = dist.new_subgroups_by_enumeration(rows, timeout=timeout)
     return _SUBGROUPS[key]
 
 
@@ -109,6 +114,7 @@ class ParallelGroups:
     data: the ranks over which gradients are averaged: dp x sp (sequence-parallel ranks see
         different tokens of one batch, like data-parallel ranks see different batches; their
         gradients are carried scaled by sp so that the mean is the sum over sp).
+    pp / tied: the pipeline's groups (see `build_groups`); None without pipeline parallelism.
     """
 
     mesh: DeviceMesh
@@ -117,6 +123,8 @@ class ParallelGroups:
     replica_rows: list[list[int]]
     blocks: dict[int, object] = field(default_factory=dict)
     data: object = None
+    pp: object = None  # the pp axis with the pipeline's timeout (group rank = pp index)
+    tied: object = None  # this rank's pair of pp ranks holding tied embeddings (first, last stage)
 
     @property
     def tp(self):
@@ -143,10 +151,13 @@ class ParallelGroups:
         return self.tp if replicas == self.size("tp") else self.blocks[replicas]
 
 
-def build_groups(mesh: DeviceMesh, block_sizes=()) -> ParallelGroups:
+def build_groups(mesh: DeviceMesh, block_sizes=(), pp_timeout_s: float | None = None,
+                 tied_pp_ranks: tuple[int, int] | None = None) -> ParallelGroups:
     """The derived groups of `mesh` (see `ParallelGroups`); `block_sizes`: replica counts of
-    parameters replicated inside tp. Every rank must call it with the same arguments."""
-    replica_rows = _rows(mesh, ("pp", "sp", "tp"))
+    parameters replicated inside tp; `pp_timeout_s`: with pp > 1, how long a pipeline stage
+    waits for its neighbour; `tied_pp_ranks`: the pp indices of the first and last stage when
+    they hold tied embeddings. Every rank must call it with the same arguments."""
+    replica_rows = axis_rows(mesh, ("pp", "sp", "tp"))
     me = dist.get_rank()
     mine = next(row for row in replica_rows if me in row)
     sizes = {axis: mesh.size(i) for i, axis in enumerate(mesh.mesh_dim_names)}
@@ -160,10 +171,15 @@ def build_groups(mesh: DeviceMesh, block_sizes=()) -> ParallelGroups:
     if sizes["sp"] == 1 or sizes["dp"] == 1:
         groups.data = groups.dp if sizes["sp"] == 1 else groups.sp
     else:
-        groups.data = new_subgroups(_rows(mesh, ("dp", "sp")))
+        groups.data = new_subgroups(axis_rows(mesh, ("dp", "sp")))
+    if sizes["pp"] > 1:
+        pp_rows = axis_rows(mesh, ("pp",))
+        groups.pp = new_subgroups(pp_rows, pp_timeout_s)
+        if tied_pp_ranks is not None and tied_pp_ranks[0] != tied_pp_ranks[1]:
+            groups.tied = new_subgroups([[row[i] for i in tied_pp_ranks] for row in pp_rows])
     tp = groups.size("tp")
     for n in sorted(set(block_sizes)):
         if 1 < n < tp:
-            tp_rows = _rows(mesh, ("tp",))
+            tp_rows = axis_rows(mesh, ("tp",))
             groups.blocks[n] = new_subgroups([row[i:i + n] for row in tp_rows for i in range(0, tp, n)])
     return groups

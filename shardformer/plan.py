@@ -1,7 +1,7 @@
 """All validation of a layout against a model, with no collective and no change to the model.
 
 `plan_layout` checks the world against the config, resolves the policy against the model for
-every parallelism (today tensor and split-gather sequence parallelism, and the fused kernels) and returns what to apply.
+every parallelism (tensor, sequence and pipeline parallelism, and the fused kernels) and returns what to apply.
 Every impossible layout is a ValueError naming the config field and the model attribute (or the
 policy entry); `shard_model` has all ranks agree on the outcome before its first other collective.
 """
@@ -14,13 +14,14 @@ from torch import nn
 from .config import ShardConfig
 from .fusion import plan_fused_kernels
 from .mesh import check_world
+from .pipeline import PipelinePlan, plan_pipeline
 from .sequence_parallel import SplitGatherPlan, UlyssesPlan, plan_split_gather, plan_ulysses
 from .tensor_parallel.plan import TensorParallelPlan, plan_tensor_parallel
 
 
 @dataclass
 class LayoutPlan:
-    """What `shard_model` applies, in this order: `kernels`, `tp`, `sp`."""
+    """What `shard_model` applies, in this order: `kernels`, `tp`, `sp`, `pp`."""
 
     config: ShardConfig
     policy: object
@@ -28,6 +29,7 @@ class LayoutPlan:
     tp: TensorParallelPlan
     kernels: list  # (path, module, builder) from plan_fused_kernels; [] without fused kernels
     sp: SplitGatherPlan | UlyssesPlan | None = None
+    pp: PipelinePlan | None = None
 
 
 def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) -> LayoutPlan:
@@ -44,4 +46,5 @@ def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) 
         sp = plan_split_gather(model, policy, tp)
     elif config.sp_mode in ("all_to_all", "ring"):
         sp = plan_ulysses(model, policy, tp, config)
-    return LayoutPlan(config, policy, dp, tp, kernels, sp)
+    pp = plan_pipeline(model, policy, tp, config) if config.pp_size > 1 else None
+    return LayoutPlan(config, policy, dp, tp, kernels, sp, pp)

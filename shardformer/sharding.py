@@ -33,13 +33,16 @@ def padded_size(full: int, shards: int) -> int:
 @dataclass(frozen=True)
 class ShardSpec:
     """How one parameter is split: along `dim`, unpadded size `full`, into `shards` pieces, each
-    held by `replicas` consecutive tp ranks; `partial`: each copy's gradient is a partial sum."""
+    held by `replicas` consecutive tp ranks; `partial`: each copy's gradient is a partial sum;
+    `stage_copies`: how many pipeline stages hold the same tensor (their gradients are summed
+    so the copies stay equal; clipping and checkpoints count it once)."""
 
     dim: int
     full: int
     shards: int
     replicas: int = 1
     partial: bool = False
+    stage_copies: int = 1  # pipeline stages holding an identical copy (tied embedding and LM head)
 
     @classmethod
     def replicated(cls, tp: int) -> "ShardSpec":

@@ -50,6 +50,6 @@ def grad_errors(model, ref) -> dict[str, float]:
     from shardformer.sharding import gather_full
     from shardformer.sharding import sharded_parameters
 
-    group, ref_params = model.sf_mesh.get_group("tp"), dict(ref.named_parameters())
+    group, ref_params = model.sf_mesh.get_group("tp"), dict(ref.named_parameters(remove_duplicate=False))
     return {name: rel_err(gather_full(p.grad, spec, group).float(), ref_params[name].grad.float())
             for name, p, spec in sharded_parameters(model)}

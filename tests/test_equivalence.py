@@ -387,7 +387,7 @@ def test_setup_logs_the_layout(pools):
     first, second = pools(2).run(check_setup_log_line)
     assert second == [] and len(first) == 1, (first, second)
     line = first[0]
-    for part in ("dp 1 x pp 1 x sp 2 x tp 1", "sequence parallel all_to_all", "ColumnParallelLinear",
+    for part in ("pp 1 x dp 1 x sp 2 x tp 1", "sequence parallel all_to_all", "ColumnParallelLinear",
                  "FusedRMSNorm", "attention sf_ulysses_sdpa"):
         assert part in line, (part, line)
 

@@ -157,7 +157,23 @@ def test_sequence_parallel_layout_errors(kwargs, field):
         sf.ShardConfig(**kwargs)
 
 
-@pytest.mark.parametrize("field,value", [("pp_size", 2), ("zero_stage", 2), ("pp_schedule", "gpipe")])
+@pytest.mark.parametrize("field,value", [("pp_schedule", "gpipe"), ("num_microbatches", 4),
+                                         ("pp_stage_layers", (1, 1))])
+def test_pipeline_fields_need_pipeline(field, value):
+    """Pipeline settings without pp_size > 1 would silently do nothing: refused by name."""
+    with pytest.raises(ValueError, match=f"ShardConfig.{field}=.*needs ShardConfig.pp_size > 1"):
+        sf.ShardConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("pp_stage_layers", (2, 0)), ("pp_stage_layers", ()),
+                                         ("pp_stage_layers", (2.0, 2)), ("pp_stage_layers", 4),
+                                         ("pipeline_timeout_s", 0), ("pipeline_timeout_s", True)])
+def test_pipeline_fields_validate_themselves(field, value):
+    with pytest.raises(ValueError, match=f"ShardConfig.{field}"):
+        sf.ShardConfig(pp_size=2, **{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("zero_stage", 2)])
 def test_unbuilt_features_are_named(field, value):
     with pytest.raises(NotImplementedError, match=f"ShardConfig.{field}"):
         sf.ShardConfig(**{field: value})

@@ -111,6 +111,12 @@ class GradReducer:
         finally:
             self.enabled = previous
 
+    def reduce_now(self):
+        """Reduce every bucket now (after a pipeline step, whose microbatches ran under
+        `no_sync()`: the reduction runs once, after the last one)."""
+        if self.buckets:
+            self._finish()
+
     def _on_grad(self, param):
         if not self.enabled:
             return

@@ -1,0 +1,177 @@
+"""Running pipeline steps: torch.distributed.pipelining schedules over this rank's stages.
+
+`PipelineRunner.train_step(batch)` splits the batch into microbatches along the batch dimension
+and runs the configured schedule (GPipe, 1F1B, interleaved 1F1B or zero-bubble V), with static
+stage shapes (no shape-inference forward, no metadata exchange). The first stage gets the
+`input_ids`; `attention_mask`, `position_ids` and `labels` reach every stage of every rank as
+per-microbatch keyword arguments (each stage feeds them to HF's forward, which builds its own
+mask and rotary embeddings). The loss of a microbatch is its token-loss sum over the whole batch's
+target count, and `scale_grads=False`, so gradients and the summed loss are the full batch's
+mean exactly. A schedule is built per microbatch shape (sequence lengths may change between
+steps; torch's stages fix their buffers' shapes at the first step) and the last few are kept.
+
+`eval_step(batch)` runs the same stages forward only, microbatch by microbatch in stage order
+with point-to-point send / recv (torch 2.13's zero-bubble schedule cannot run forward only).
+
+Tied input / output embeddings on different ranks (first and last stage) have their gradients
+summed over those two ranks after the step, so both copies take the same update.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import (
+    PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble,
+)
+
+from .stage import StageModule
+
+_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
+              "zbv": ScheduleZBVZeroBubble}
+_KEEP_SCHEDULES = 4
+PIPELINE_KWARGS = ("attention_mask", "position_ids", "labels")
+IGNORE_INDEX = -100
+
+
+def _loss_is_output(output, target):
+    """The last stage already returns its microbatch's loss."""
+    return output
+
+
+def target_count(labels: torch.Tensor) -> torch.Tensor:
+    """How many next-token targets the batch has (HF's shift: the first position predicts none)."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
+
+
+class PipelineRunner:
+    """This rank's stages of `plan` and the schedules that run them (see module docstring).
+
+    Args:
+        model: the cut model (`stage.cut_model`).
+        pp_rank: this rank's index on the pp axis; `group`: the pp group (group rank = pp index).
+        tied_group: the group of the two ranks holding the first and last stage, when the
+            embeddings are tied and those differ (else None); `tied_param`: this rank's copy.
+        call_model: (view, kwargs) -> HF output, the sharded model's own call.
+        hidden_size, dtype, device: the hidden states passed between stages.
+    """
+
+    def __init__(self, model, plan, pp_rank: int, group, tied_group, tied_param, call_model,
+                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+        self.plan, self.pp_rank, self.group = plan, pp_rank, group
+        self.tied_group, self.tied_param = tied_group, tied_param
+        self.modules = [StageModule(model, plan, s, call_model) for s in plan.stages_of(pp_rank)]
+        self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
+        self._schedules: OrderedDict = OrderedDict()
+
+    @property
+    def has_first(self) -> bool:
+        return self.modules[0].first
+
+    @property
+    def has_last(self) -> bool:
+        return self.modules[-1].last
+
+    def check_batch(self, batch: dict) -> None:
+        """ValueError (before any collective) for a batch the pipeline cannot take."""
+        extra = sorted(k for k, v in batch.items() if v is not None and k not in PIPELINE_KWARGS + ("input_ids",))
+        if extra:
+            raise ValueError(f"with ShardConfig.pp_size > 1, forward_backward takes input_ids, "
+                             f"{', '.join(PIPELINE_KWARGS)}; got {', '.join(extra)}")
+        ids = batch.get("input_ids")
+        if not torch.is_tensor(ids) or ids.dim() != 2:
+            raise ValueError("with ShardConfig.pp_size > 1, forward_backward needs input_ids [batch, sequence]")
+        n = self.plan.microbatches
+        if ids.shape[0] % n:
+            raise ValueError(f"the batch size {ids.shape[0]} does not divide by ShardConfig.num_microbatches={n}")
+
+    def _hidden(self, mb: int, seq: int, grad: bool) -> torch.Tensor:
+        return torch.empty(mb, seq, self.hidden_size, dtype=self.dtype, device=self.device, requires_grad=grad)
+
+    def _schedule(self, mb: int, seq: int):
+        key = (mb, seq)
+        if key in self._schedules:
+            self._schedules.move_to_end(key)
+            return self._schedules[key]
+        stages = []
+        for module in self.modules:
+            inputs = (torch.empty(mb, seq, dtype=torch.long, device=self.device) if module.first
+                      else self._hidden(mb, seq, True))
+            outputs = (torch.empty((), dtype=torch.float32, device=self.device, requires_grad=True)
+                       if module.last else self._hidden(mb, seq, True))
+            stages.append(PipelineStage(module, module.index, self.plan.stages, self.device, input_args=inputs,
+                                        output_args=outputs, group=self.group))
+        cls = _SCHEDULES[self.plan.schedule]
+        single = self.plan.schedule in ("gpipe", "1f1b")
+        schedule = cls(stages[0] if single else stages, self.plan.microbatches, loss_fn=_loss_is_output,
+                       scale_grads=False)
+        self._schedules[key] = schedule
+        if len(self._schedules) > _KEEP_SCHEDULES:
+            self._schedules.popitem(last=False)
+        return schedule
+
+    def _start(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        ids = batch["input_ids"]
+        kwargs = {k: batch[k] for k in PIPELINE_KWARGS if batch.get(k) is not None}
+        count = target_count(batch["labels"]) if batch.get("labels") is not None else None
+        for module in self.modules:
+            module.num_items = count
+        return ids, kwargs
+
+    def _replica_loss(self, local: torch.Tensor) -> torch.Tensor:
+        """The loss held by the last stage's rank, on every rank of the pipeline."""
+        dist.all_reduce(local, group=self.group)
+        return local
+
+    def train_step(self, batch: dict) -> torch.Tensor:
+        """One forward + backward over all microbatches; returns this replica's mean loss."""
+        ids, kwargs = self._start(batch)
+        mb = ids.shape[0] // self.plan.microbatches
+        schedule = self._schedule(mb, ids.shape[1])
+        losses: list = []
+        schedule.step(*((ids,) if self.has_first else ()), target=batch["labels"], losses=losses,
+                      return_outputs=False, **kwargs)
+        local = torch.stack([l.detach().float() for l in losses]).sum() if self.has_last else \
+            torch.zeros((), dtype=torch.float32, device=self.device)
+        self._sum_tied_gradients()
+        return self._replica_loss(local)
+
+    def _sum_tied_gradients(self) -> None:
+        if self.tied_group is None:
+            return
+        param = self.tied_param
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, group=self.tied_group)
+
+    @torch.no_grad()
+    def eval_step(self, batch: dict) -> torch.Tensor:
+        """Forward only over all microbatches, stage by stage; returns this replica's mean loss."""
+        ids, kwargs = self._start(batch)
+        n, plan = self.plan.microbatches, self.plan
+        mine = {m.index: m for m in self.modules}
+        local = torch.zeros((), dtype=torch.float32, device=self.device)
+        for ids_mb, kw_mb in zip(ids.chunk(n), _chunk_kwargs(kwargs, n)):
+            x = ids_mb
+            for stage in range(plan.stages):
+                if stage not in mine:
+                    continue
+                if stage > 0 and plan.owner(stage - 1) != self.pp_rank:
+                    x = self._hidden(ids_mb.shape[0], ids_mb.shape[1], False)
+                    dist.recv(x, group=self.group, group_src=plan.owner(stage - 1))
+                x = mine[stage](x, **kw_mb)
+                if stage == plan.stages - 1:
+                    local += x.float()
+                elif plan.owner(stage + 1) != self.pp_rank:
+                    dist.send(x.contiguous(), group=self.group, group_dst=plan.owner(stage + 1))
+        return self._replica_loss(local)
+
+    def peak_in_flight(self) -> dict[int, int]:
+        """{stage: the most microbatches whose activations it held at once} since the start."""
+        return {m.index: m.peak_in_flight for m in self.modules}
+
+
+def _chunk_kwargs(kwargs: dict, n: int) -> list[dict]:
+    pieces = {k: v.chunk(n) for k, v in kwargs.items()}
+    return [{k: v[i] for k, v in pieces.items()} for i in range(n)]
