@@ -1,6 +1,6 @@
-"""shardformer: tensor (and, in time, sequence and pipeline) parallel training of unmodified
+"""shardformer: tensor, sequence and pipeline parallel training of unmodified
 Hugging Face transformers models. See README.md and DESIGN.md."""
-from . import policies
+from . import pipeline, policies
 from .api import shard_model
 from .checkpoint import full_state_dict, save_pretrained
 from .config import ShardConfig
@@ -30,5 +30,6 @@ __all__ = [
     "build_mesh",
     "ZeroOptimizer",
     "policies",
+    "pipeline",
 ]
 __version__ = "0.1.0"

@@ -246,7 +246,13 @@ def comm_device(group=None) -> torch.device:
 
 
 def _describe(error: BaseException) -> tuple[str, str]:
-    return type(error).__name__, str(error)
+    """(type name, message), the message followed by its causes' (a library that wraps an error,
+    as torch's pipeline stages do, keeps the original visible)."""
+    message, cause, seen = str(error).strip(), error.__cause__, 0
+    while cause is not None and seen < 4:
+        message += f" [caused by {type(cause).__name__}: {str(cause).strip()}]"
+        cause, seen = cause.__cause__, seen + 1
+    return type(error).__name__, message
 
 
 def raise_if_failed(failed: bool, error: BaseException | None, group, what: str, name_all: bool = False) -> None:
