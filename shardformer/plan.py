@@ -47,4 +47,7 @@ def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) 
     elif config.sp_mode in ("all_to_all", "ring"):
         sp = plan_ulysses(model, policy, tp, config)
     pp = plan_pipeline(model, policy, tp, config) if config.pp_size > 1 else None
+    if pp is not None and sp is not None:  # split_gather: the sequence is whole between stages
+        starts = [pp.layer_range(s).start for s in range(pp.stages)]
+        sp.stage_starts, sp.stage_ends = set(starts), {start - 1 for start in starts[1:]}
     return LayoutPlan(config, policy, dp, tp, kernels, sp, pp)

@@ -16,12 +16,12 @@ CLIP = 0.05  # well below the gradient norm of these batches (~2-4): clipping is
 
 
 def check_pipeline(pp, schedule, microbatches, tied, tp=1, layers=4, rows_per_rank=8, steps=2, seq=12,
-                   save_to=None, stage_layers=None, checkpointing=False):
+                   save_to=None, stage_layers=None, checkpointing=False, sp_mode=None):
     """Shard a copy of the reference with pp (x tp x dp), train `steps` AdamW steps with clipping
     on this dp rank's rows, compare loss, gradients and weights with the reference on all rows."""
     ref = build("llama", tied=tied, num_hidden_layers=layers)
     cfg = sf.ShardConfig(pp_size=pp, tp_size=tp, pp_schedule=schedule, num_microbatches=microbatches,
-                         pp_stage_layers=stage_layers, gradient_checkpointing=checkpointing)
+                         pp_stage_layers=stage_layers, gradient_checkpointing=checkpointing, sp_mode=sp_mode)
     model = sf.shard_model(copy.deepcopy(ref), config=cfg)
     plan, mesh = model.sf_pipeline.plan, model.sf_mesh
     mine_stages = plan.stages_of(mesh.get_local_rank("pp"))
@@ -93,6 +93,14 @@ def test_pipeline_with_tensor_or_data_parallel(pools, tmp_path, schedule, tp):
     """World of 4: pp 2 x tp 2 (dp 1), or pp 2 x dp 2 (the data-parallel reduction after the
     last microbatch); the checkpoint of each loads with from_pretrained."""
     worst = pools(4).run(check_pipeline, 2, schedule, 4, True, tp, save_to=str(tmp_path / "ckpt"))
+    assert max(worst) <= TOL
+
+
+@pytest.mark.parametrize("schedule,seq", [("1f1b", 12), ("zbv", 11)])
+def test_pipeline_with_split_gather_sequence_parallelism(pools, schedule, seq):
+    """pp 2 x tp 2 with sp_mode='split_gather' (the sequence split inside each stage, whole between
+    stages), a length the split divides and one it does not."""
+    worst = pools(4).run(check_pipeline, 2, schedule, 4, False, 2, 4, 8, 2, seq, None, None, False, "split_gather")
     assert max(worst) <= TOL
 
 
@@ -203,8 +211,8 @@ def test_bad_pipeline_layouts_raise_at_setup():
     assert "ShardConfig.pp_stage_layers" in msg, msg
     msg = _setup_error(sf.ShardConfig(pp_size=4, pp_schedule="1f1b", num_microbatches=2), layers=4)
     assert "ShardConfig.num_microbatches=2" in msg, msg
-    msg = _setup_error(sf.ShardConfig(pp_size=2, tp_size=2, sp_mode="split_gather"), layers=4)
-    assert "ShardConfig.sp_mode='split_gather'" in msg, msg
+    msg = _setup_error(sf.ShardConfig(pp_size=2, sp_size=2, sp_mode="all_to_all"), layers=4)
+    assert "ShardConfig.sp_mode='all_to_all'" in msg, msg
 
 
 def test_bad_pipeline_batches_raise_on_every_rank(pools):

@@ -115,6 +115,8 @@ class StageModule(nn.Module):
     def forward(self, x, **kwargs):
         call = dict(kwargs, use_cache=False)
         call["input_ids" if self.first else "inputs_embeds"] = x
+        if x.requires_grad:  # its gradient is sent to the previous stage: point-to-point needs it dense
+            x.register_hook(torch.Tensor.contiguous)
         if self.last:
             call["num_items_in_batch"] = self.num_items
             out = self.call_model(self.view, call).loss
@@ -122,6 +124,8 @@ class StageModule(nn.Module):
             call.pop("labels", None)
             base = self.view.get_submodule(self.base_path) if self.base_path else self.view
             out = base(**call).last_hidden_state
+        if out._base is not None:  # a view (e.g. a gathered sequence cut to length): the zero-bubble
+            out = out.clone()  # schedule detaches stage outputs in place, which a view refuses
         if out.requires_grad:  # released when its gradient arrives (the stage's backward starts)
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)

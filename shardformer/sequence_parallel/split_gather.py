@@ -16,6 +16,9 @@ split by tp) every rank sees the whole sequence. No HF forward is touched; the s
     all-reducing them (backward: all-gather);
   * the final norm's output is gathered for the LM head (backward: reduce-scatter for the
     vocab-parallel head, whose input gradient is partial; each rank's chunk otherwise).
+  * with pipeline parallelism, stages pass the whole sequence: each stage's first layer splits
+    its input and the last layer of every stage but the last gathers its output (backward: each
+    rank keeps its chunk of the gradient, which the next stage's split gathered whole).
 Norm weights (and row-parallel biases) now see only this rank's tokens: their gradients are
 partial over tp, which their `ShardSpec` says, so the gradient reducer sums them.
 The padding lives only in the split regions: attention and the loss see exactly S tokens, so a
@@ -45,6 +48,8 @@ class SplitGatherPlan:
     rows: dict[str, int] = field(default_factory=dict)  # row-parallel linear path -> layer index
     final_norm: str = ""
     head_input_partial: bool = True  # the final norm feeds a vocab-parallel head
+    stage_starts: set[int] = field(default_factory=lambda: {0})  # layers whose input is split
+    stage_ends: set[int] = field(default_factory=set)  # layers whose output is gathered (pipeline)
 
 
 def plan_split_gather(model: nn.Module, policy, tp_plan) -> SplitGatherPlan:
@@ -161,7 +166,9 @@ def apply_split_gather(model: nn.Module, plan: SplitGatherPlan, tp_handles: dict
     lengths = [SequenceLength() for _ in plan.layers]
     for i, path in enumerate(plan.layers):
         layer = model.get_submodule(path)
-        layer.register_forward_pre_hook(_layer_pre_hook(lengths[i], group, i == 0), with_kwargs=True)
+        layer.register_forward_pre_hook(_layer_pre_hook(lengths[i], group, i in plan.stage_starts), with_kwargs=True)
+        if i in plan.stage_ends:  # a pipeline stage ends here: the next one receives the whole sequence
+            layer.register_forward_hook(_gather_hook(lengths[i], group, reduce_grad=False))
         for module in layer.modules():
             if not getattr(module, "sf_shard_specs", None):
                 _mark_partial(module, tp)
