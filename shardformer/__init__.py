@@ -4,6 +4,7 @@ from . import pipeline, policies
 from .api import shard_model
 from .checkpoint import full_state_dict, save_pretrained
 from .config import ShardConfig
+from .data_parallel import ZeroOptimizer
 from .mesh import build_mesh
 
 
@@ -11,14 +12,6 @@ def load_pretrained(*args, **kwargs):
     """Per-rank sliced loading is not built yet (it has its own issue); use
     `shard_model(AutoModelForCausalLM.from_pretrained(path), config=cfg)` meanwhile."""
     raise NotImplementedError("sf.load_pretrained is not built yet: use shard_model(from_pretrained(...))")
-
-
-class ZeroOptimizer:
-    """The ZeRO optimizer is not built yet (it has its own issue); use the plain optimizer with
-    ShardConfig(zero_stage=0) meanwhile."""
-
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("sf.ZeroOptimizer is not built yet: use the plain optimizer (zero_stage=0)")
 
 
 __all__ = [

@@ -81,7 +81,7 @@ class ShardedModelMixin:
         loss = out[0] if isinstance(out, tuple) else out.loss
         if loss is None or loss.dim() != 0:
             raise ValueError(f"forward_backward: {type(self).__name__} returned no scalar loss for this batch")
-        loss.backward()
+        (loss * self.sf_zero.loss_scale if self.sf_zero is not None else loss).backward()
         return self._dp_mean(loss)
 
     @torch.no_grad()
@@ -139,6 +139,9 @@ class ShardedModelMixin:
             self.sf_sequence_calls.validate(batch)
         if self.sf_pipeline is not None:
             self.sf_pipeline.check_batch(batch)
+        if self.sf_config.zero_stage and self.sf_zero is None:
+            raise ValueError(f"ShardConfig.zero_stage={self.sf_config.zero_stage}: wrap the optimizer with "
+                             "sf.ZeroOptimizer(optimizer, model) before training")
 
     def _batch_range_flags(self, batch) -> torch.Tensor:
         """int64 [2] on the batch's device: input ids / labels outside the vocabulary (1 = bad)."""
@@ -160,7 +163,10 @@ class ShardedModelMixin:
                              f"{self.sf_vocab_size}) on some rank (labels may also be the ignore index)")
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip all gradients by the global norm of the unsharded model's gradient; returns it."""
+        """Clip all gradients by the global norm of the unsharded model's gradient; returns it.
+        With ZeRO the gradients are the optimizer's pieces: `sf.ZeroOptimizer.clip_grad_norm_`."""
+        if self.sf_zero is not None:
+            return self.sf_zero.clip_grad_norm_(max_norm, norm_type)
         return clip_grad_norm_(self, max_norm, self.sf_groups.data_size, norm_type)
 
     def no_sync(self):
@@ -237,6 +243,7 @@ def _apply(model, plan: LayoutPlan, groups) -> None:
     model.sf_vocab_size = plan.tp.vocab_spec.full
     model.sf_batch_checked = False
     model.sf_checks_labels = head is not None
+    model.sf_zero = None  # the sf.ZeroOptimizer wrapping this model's optimizer, once built
     model.sf_pipeline = None
     if plan.pp is not None:
         hf_forward = type(model).forward

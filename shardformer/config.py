@@ -36,7 +36,9 @@ class ShardConfig:
             interleaved and zbv); default: balanced by estimated compute and memory.
         pipeline_timeout_s: how long a stage waits for a neighbouring stage before the step fails
             on every rank (a rank that raised inside a stage stops the others this way).
-        zero_stage: 0 (plain data parallel) or 1/2/3 (not built yet).
+        zero_stage: 0 (plain data parallel); 1 (optimizer state and fp32 master weights sharded
+            over the data-parallel ranks) or 2 (gradients too), with `sf.ZeroOptimizer(opt, model)`;
+            3 (weights too) is not built yet.
         enable_fused_kernels: let the policy substitute fused-kernel modules (RMSNorm, SwiGLU,
             rotary): CUDA kernels on GPUs, an exact PyTorch reference elsewhere.
         gradient_checkpointing: recompute each decoder layer in backward (HF's own mechanism).
@@ -114,7 +116,7 @@ class ShardConfig:
     def _refuse_unbuilt(self):
         """Fields whose feature does not exist yet: refuse non-default values by name."""
         unbuilt = {
-            "zero_stage": (self.zero_stage != 0, "the ZeRO optimizer"),
+            "zero_stage": (self.zero_stage == 3, "ZeRO stage 3 (weights sharded with FSDP2)"),
         }
         for field_name, (is_set, feature) in unbuilt.items():
             if is_set:

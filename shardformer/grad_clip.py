@@ -23,32 +23,36 @@ from .comm import comm_device, raise_if_failed
 from .sharding import sharded_parameters
 
 
-def _local_norm_term(model, norm_type: float, device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    grads, partial = [], torch.zeros((), device=device)
-    for _, param, spec in sharded_parameters(model):
-        if param.grad is None:
-            continue
-        grads.append(param.grad)
-        g = param.grad.detach().float()
+def _local_norm_term(entries, norm_type: float, device) -> torch.Tensor:
+    partial = torch.zeros((), device=device)
+    for grad, copies in entries:
+        g = grad.detach().float()
         if math.isinf(norm_type):
             partial = torch.maximum(partial, g.abs().max().to(device))
         else:
-            partial = partial + (g.abs().pow(norm_type).sum() / (spec.replicas * spec.stage_copies)).to(device)
-    return grads, partial
+            partial = partial + (g.abs().pow(norm_type).sum() / copies).to(device)
+    return partial
 
 
-def clip_grad_norm_(model: torch.nn.Module, max_norm: float, dp: int, norm_type: float = 2.0) -> torch.Tensor:
-    """Clip gradients in place by their global norm; return that norm (before clipping).
-    `dp`: how many ranks hold identical copies of each gradient entry beyond the tp copies
-    (`ParallelGroups.data_size`). Every rank of the world must call this."""
+def model_gradients(model) -> list[tuple[torch.Tensor, int]]:
+    """(gradient, ranks of its replica holding the same entries) for every parameter with one."""
+    return [(p.grad, spec.replicas * spec.stage_copies) for _, p, spec in sharded_parameters(model)
+            if p.grad is not None]
+
+
+def clip_gradients(entries, max_norm: float, dp: int, norm_type: float = 2.0) -> torch.Tensor:
+    """Clip the gradients of `entries` ((gradient, copies) pairs, see `model_gradients`) in place by
+    their global norm; return that norm (before clipping). `dp`: how many ranks hold identical
+    copies of each gradient entry beyond `copies` (`ParallelGroups.data_size` for a model's own
+    gradients, 1 for ZeRO's disjoint pieces). Every rank of the world must call this."""
     norm_type = float(norm_type)
     group = None  # the world
     device = comm_device(group)
-    error, grads, partial = None, [], torch.zeros((), device=device)
+    error, partial = None, torch.zeros((), device=device)
     try:
         if not max_norm > 0:
             raise ValueError(f"clip_grad_norm_(max_norm={max_norm!r}) must be a positive number")
-        grads, partial = _local_norm_term(model, norm_type, device)
+        partial = _local_norm_term(entries, norm_type, device)
     except Exception as err:  # noqa: BLE001 - every rank raises below, after the shared all-reduce
         error, partial = err, torch.zeros((), device=device)
     infinite = math.isinf(norm_type)
@@ -57,6 +61,12 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, dp: int, norm_type:
     raise_if_failed(bool(both[1].item()), error, group, "clip_grad_norm_")
     total = both[0] if infinite else (both[0] / dp).pow(1.0 / norm_type)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
+    for g, _ in entries:
         g.detach().mul_(coef.to(g.device, g.dtype))
     return total
+
+
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float, dp: int, norm_type: float = 2.0) -> torch.Tensor:
+    """Clip a sharded model's gradients in place by their global norm; return that norm.
+    `dp`: `ParallelGroups.data_size`. Every rank of the world must call this."""
+    return clip_gradients(model_gradients(model), max_norm, dp, norm_type)

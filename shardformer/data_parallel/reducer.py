@@ -15,6 +15,9 @@ Parameters are packed into buckets of about `bucket_mb` in reverse registration 
 the order gradients are produced); a bucket's all-reduce is launched asynchronously as soon as
 its last gradient has been accumulated, and an end-of-backward callback waits for all of them.
 Under `no_sync()` gradients accumulate locally (dp), as with DDP.
+With ZeRO stage 2 (`scatter_to(sink)`) each bucket is reduce-scattered instead: every rank
+receives the mean of only its own piece of each parameter's flat gradient (the pieces of
+`zero.ShardLayout`), hands it to the sink and frees the full `.grad`.
 """
 from __future__ import annotations
 
@@ -57,6 +60,8 @@ class GradReducer:
         """Sum hooks on partial parameters; dp buckets of about `bucket_mb` MiB per dtype."""
         self.enabled = True
         self._queued = False
+        self._sink = None  # ZeRO-2: (param, this rank's reduced piece, had a gradient anywhere) -> None
+        self._layout = None
         # buckets launched while backward was still running vs at its end (overlap evidence)
         self.launches = {"during_backward": 0, "at_end": 0}
         dp = groups.data_size  # dp x sp
@@ -85,6 +90,11 @@ class GradReducer:
                 self._add_bucket(current, group, dp)
         self._handles += [p.register_post_accumulate_grad_hook(self._on_grad)
                           for bucket in self.buckets for p in bucket.params]
+
+    def scatter_to(self, layout, sink) -> None:
+        """Reduce-scatter from now on: `layout.piece(param)` says which flat slice of each
+        parameter this rank owns; `sink(param, piece_mean, had)` receives it."""
+        self._layout, self._sink = layout, sink
 
     def remove(self):
         """Detach every gradient hook (the gradients are then no longer reduced)."""
@@ -133,9 +143,18 @@ class GradReducer:
         # one extra entry per parameter counts the ranks that had a gradient, so that every
         # replica makes the same choice between "None" and "the reduced gradient"
         had = [p.grad is not None for p in bucket.params]
-        bucket.flat = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket.params
-        ] + [torch.tensor(had, dtype=bucket.params[0].dtype, device=bucket.params[0].device)])
+        first = bucket.params[0]
+        flags = torch.tensor(had, dtype=first.dtype, device=first.device)
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket.params]
+        if self._sink is not None:  # ZeRO-2: rank r's segment = its piece of every parameter + the flags
+            layout = self._layout
+            segments = [torch.cat([layout.padded(g, p)[layout.slice_of(p, r)] for g, p in zip(grads, bucket.params)]
+                                  + [flags]) for r in range(layout.size)]
+            bucket.flat = torch.empty_like(segments[0])
+            bucket.work = dist.reduce_scatter_tensor(bucket.flat, torch.cat(segments), group=bucket.group,
+                                                     async_op=True)
+            return
+        bucket.flat = torch.cat(grads + [flags])
         bucket.work = dist.all_reduce(bucket.flat, group=bucket.group, async_op=True)
 
     def _finish(self):
@@ -151,11 +170,15 @@ class GradReducer:
             bucket.flat.div_(bucket.divisor)
             offset = 0
             for p, had_somewhere in zip(bucket.params, anyone_had):
-                reduced = bucket.flat[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
-                if p.grad is not None:
-                    p.grad.copy_(reduced)
+                size = self._layout.piece_size(p) if self._sink is not None else p.numel()
+                reduced = bucket.flat[offset:offset + size]
+                offset += size
+                if self._sink is not None:
+                    p.grad = None  # the full gradient is not kept: this rank's piece goes to the sink
+                    self._sink(p, reduced, bool(had_somewhere))
+                elif p.grad is not None:
+                    p.grad.copy_(reduced.view_as(p))
                 elif had_somewhere:
-                    p.grad = reduced.clone()
+                    p.grad = reduced.view_as(p).clone()
             bucket.ready, bucket.flat, bucket.work = 0, None, None
         self._queued = False
