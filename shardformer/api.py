@@ -113,13 +113,15 @@ class ShardedModelMixin:
     def _pipeline_step(self, batch, train: bool) -> torch.Tensor:
         runner, error, loss = self.sf_pipeline, None, None
         what = "forward_backward" if train else "forward_loss"
+        sync = self.sf_grad_reducer.enabled  # False inside the user's no_sync()
         with self.sf_grad_reducer.no_sync():
             try:
                 loss = runner.train_step(batch) if train else runner.eval_step(batch)
             except Exception as err:  # noqa: BLE001 - every rank raises below
                 error = err
         agree_on_failure(error, None, what, name_all=True)
-        if train:
+        loss = runner.finish(loss, train)
+        if train and sync:
             self.sf_grad_reducer.reduce_now()  # once, after the last microbatch
         return self._dp_mean(loss)
 

@@ -247,3 +247,39 @@ def check_failure_inside_a_stage():
 def test_failure_inside_a_stage_stops_every_rank(pools):
     results = pools(2).run(check_failure_inside_a_stage)
     print(results)
+
+
+def check_accumulation_and_inputs():
+    """Tied embeddings on two stages: two forward_backward calls without zero_grad (the second
+    under no_sync, then a synchronised third) accumulate exactly like the unsharded model; a
+    [1, S] position_ids row is taken for every row; a model cast after sharding still runs."""
+    ref = build("llama", tied=True, num_hidden_layers=4)
+    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(pp_size=2, num_microbatches=2))
+    for seed in (1, 2, 3):
+        ids, labels = batch(4, seq=10, seed=seed)
+        ref(input_ids=ids, labels=labels).loss.backward()
+        if seed == 2:
+            with model.no_sync():
+                model.forward_backward(input_ids=ids, labels=labels)
+        else:
+            model.forward_backward(input_ids=ids, labels=labels)
+    errs = grad_errors(model, ref)
+    assert max(errs.values()) <= TOL, errs
+    ids, labels = batch(4, seq=10, seed=4)
+    positions = torch.arange(10).unsqueeze(0)
+    loss = model.forward_loss(input_ids=ids, labels=labels, position_ids=positions)
+    with torch.no_grad():
+        expect = ref(input_ids=ids, labels=labels, position_ids=positions).loss
+    assert rel_err(loss, expect) <= TOL
+    with pytest.raises(ValueError, match="labels must have input_ids' shape"):
+        model.forward_backward(input_ids=ids, labels=labels[:, :8])
+    model.double(), ref.double()
+    loss = model.forward_loss(input_ids=ids, labels=labels)
+    with torch.no_grad():
+        expect = ref(input_ids=ids, labels=labels).loss
+    assert loss.dtype == torch.float32 and rel_err(loss, expect.float()) <= TOL
+    return max(errs.values())
+
+
+def test_pipeline_accumulation_inputs_and_casts(pools):
+    assert max(pools(2).run(check_accumulation_and_inputs)) <= TOL

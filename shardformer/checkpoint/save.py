@@ -47,6 +47,9 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, *
     if not hasattr(model, "sf_mesh"):
         raise ValueError("sf.save_pretrained expects a model returned by sf.shard_model")
     if getattr(model, "sf_pipeline", None) is not None:
+        if kwargs:
+            raise ValueError(f"sf.save_pretrained of a pipelined model writes one file per stage; it takes no "
+                             f"{', '.join(sorted(kwargs))}")
         return _save_stages(model, save_directory)
     writer = dist.get_rank() == 0
     with all_or_none(None, "sf.save_pretrained"):
@@ -68,6 +71,10 @@ def _save_stages(model: torch.nn.Module, directory) -> None:
     with all_or_none(None, "sf.save_pretrained"):
         if writer:
             os.makedirs(directory, exist_ok=True)
+        if dist.get_rank() == 0:  # weights of an earlier save would shadow or mix with these
+            for old in os.listdir(directory):
+                if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
+                    os.remove(os.path.join(directory, old))
     state = full_state_dict(model, keep=writer)
     if plan.tied:  # HF writes a tied head once, as the input embedding
         state.pop(plan.head_path + ".weight", None)

@@ -59,7 +59,7 @@ def _check_microbatches(schedule: str, pp: int, stages: int, n: int) -> None:
         rounds = max(1, n // pp)
         if n % rounds:
             raise ValueError(f"ShardConfig.num_microbatches={n} does not suit pp_schedule='interleaved' at "
-                             f"ShardConfig.pp_size={pp}: it must be below pp_size or a multiple of it")
+                             f"ShardConfig.pp_size={pp}: it must divide by max(1, num_microbatches // pp_size)")
 
 
 def plan_pipeline(model: nn.Module, policy, tp_plan, config) -> PipelinePlan:

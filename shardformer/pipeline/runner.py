@@ -13,8 +13,9 @@ steps; torch's stages fix their buffers' shapes at the first step) and the last 
 `eval_step(batch)` runs the same stages forward only, microbatch by microbatch in stage order
 with point-to-point send / recv (torch 2.13's zero-bubble schedule cannot run forward only).
 
-Tied input / output embeddings on different ranks (first and last stage) have their gradients
-summed over those two ranks after the step, so both copies take the same update.
+Tied input / output embeddings on different ranks (first and last stage) have this step's
+gradients summed over those two ranks after the step (`finish`, once every rank's schedule
+succeeded, so no rank waits in it for a failed one), so both copies take the same update.
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ class PipelineRunner:
         self.modules = [StageModule(model, plan, s, call_model) for s in plan.stages_of(pp_rank)]
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
         self._schedules: OrderedDict = OrderedDict()
+        self._tied_before = None
 
     @property
     def has_first(self) -> bool:
@@ -74,7 +76,8 @@ class PipelineRunner:
         return self.modules[-1].last
 
     def check_batch(self, batch: dict) -> None:
-        """ValueError (before any collective) for a batch the pipeline cannot take."""
+        """ValueError (before any collective) for a batch the pipeline cannot take: every stage
+        must be able to split each tensor into the same microbatches."""
         extra = sorted(k for k, v in batch.items() if v is not None and k not in PIPELINE_KWARGS + ("input_ids",))
         if extra:
             raise ValueError(f"with ShardConfig.pp_size > 1, forward_backward takes input_ids, "
@@ -82,15 +85,26 @@ class PipelineRunner:
         ids = batch.get("input_ids")
         if not torch.is_tensor(ids) or ids.dim() != 2:
             raise ValueError("with ShardConfig.pp_size > 1, forward_backward needs input_ids [batch, sequence]")
+        for name in PIPELINE_KWARGS:
+            value = batch.get(name)
+            if value is None or (name == "position_ids" and torch.is_tensor(value) and value.shape == (1, ids.shape[1])):
+                continue
+            if not torch.is_tensor(value) or value.shape != ids.shape:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"with ShardConfig.pp_size > 1, {name} must have input_ids' shape "
+                                 f"{tuple(ids.shape)} (got {shape})")
         n = self.plan.microbatches
         if ids.shape[0] % n:
             raise ValueError(f"the batch size {ids.shape[0]} does not divide by ShardConfig.num_microbatches={n}")
 
     def _hidden(self, mb: int, seq: int, grad: bool) -> torch.Tensor:
-        return torch.empty(mb, seq, self.hidden_size, dtype=self.dtype, device=self.device, requires_grad=grad)
+        param = next(self.modules[0].parameters())  # read now: the model may have been cast or moved
+        return torch.empty(mb, seq, self.hidden_size, dtype=param.dtype, device=param.device, requires_grad=grad)
 
     def _schedule(self, mb: int, seq: int):
-        key = (mb, seq)
+        param = next(self.modules[0].parameters())
+        self.device = param.device
+        key = (mb, seq, param.dtype, param.device)
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
@@ -114,40 +128,46 @@ class PipelineRunner:
     def _start(self, batch: dict) -> tuple[torch.Tensor, dict]:
         ids = batch["input_ids"]
         kwargs = {k: batch[k] for k in PIPELINE_KWARGS if batch.get(k) is not None}
+        if "position_ids" in kwargs:  # one row for the whole batch: every microbatch gets it
+            kwargs["position_ids"] = kwargs["position_ids"].expand(ids.shape)
         count = target_count(batch["labels"]) if batch.get("labels") is not None else None
         for module in self.modules:
             module.num_items = count
         return ids, kwargs
 
-    def _replica_loss(self, local: torch.Tensor) -> torch.Tensor:
-        """The loss held by the last stage's rank, on every rank of the pipeline."""
+    def finish(self, local: torch.Tensor, train: bool) -> torch.Tensor:
+        """After every rank's schedule succeeded: sum this step's tied-embedding gradients over
+        their two stages (train) and share the loss the last stage holds; returns this replica's
+        mean loss on every rank of the pipeline."""
+        if train and self.tied_group is not None:
+            param = self.tied_param
+            step = param.grad if self._tied_before is None else param.grad - self._tied_before
+            dist.all_reduce(step, group=self.tied_group)  # only this step's part: accumulation stays exact
+            param.grad = step if self._tied_before is None else self._tied_before + step
         dist.all_reduce(local, group=self.group)
         return local
 
     def train_step(self, batch: dict) -> torch.Tensor:
-        """One forward + backward over all microbatches; returns this replica's mean loss."""
+        """One forward + backward over all microbatches; returns the loss this rank holds (the
+        last stage's, else 0): call `finish` once every rank got here."""
+        if self.tied_group is not None:
+            param = self.tied_param
+            self._tied_before = None if param.grad is None else param.grad.clone()
+            if param.grad is None:  # this stage may produce no gradient for it: start from zeros
+                param.grad = torch.zeros_like(param)
         ids, kwargs = self._start(batch)
         mb = ids.shape[0] // self.plan.microbatches
         schedule = self._schedule(mb, ids.shape[1])
         losses: list = []
         schedule.step(*((ids,) if self.has_first else ()), target=batch["labels"], losses=losses,
                       return_outputs=False, **kwargs)
-        local = torch.stack([l.detach().float() for l in losses]).sum() if self.has_last else \
+        return torch.stack([l.detach().float() for l in losses]).sum() if self.has_last else \
             torch.zeros((), dtype=torch.float32, device=self.device)
-        self._sum_tied_gradients()
-        return self._replica_loss(local)
-
-    def _sum_tied_gradients(self) -> None:
-        if self.tied_group is None:
-            return
-        param = self.tied_param
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad, group=self.tied_group)
 
     @torch.no_grad()
     def eval_step(self, batch: dict) -> torch.Tensor:
-        """Forward only over all microbatches, stage by stage; returns this replica's mean loss."""
+        """Forward only over all microbatches, stage by stage; returns the loss this rank holds
+        (call `finish(loss, train=False)` once every rank got here)."""
         ids, kwargs = self._start(batch)
         n, plan = self.plan.microbatches, self.plan
         mine = {m.index: m for m in self.modules}
@@ -165,7 +185,7 @@ class PipelineRunner:
                     local += x.float()
                 elif plan.owner(stage + 1) != self.pp_rank:
                     dist.send(x.contiguous(), group=self.group, group_dst=plan.owner(stage + 1))
-        return self._replica_loss(local)
+        return local
 
     def peak_in_flight(self) -> dict[int, int]:
         """{stage: the most microbatches whose activations it held at once} since the start."""
