@@ -195,3 +195,92 @@ def test_bf16_with_fp32_masters(pools, stage):
     worst = pools(2).run(check_bf16, stage)
     print(f"\nbf16 stage {stage}: worst relative errors {worst[0]}")
     assert all(w["loss"] <= 1e-3 and w["weights"] <= 2 ** -7 for w in worst), worst
+
+
+def _train(model, zero, steps, dp, mine):
+    for step in steps:
+        ids, labels = batch(2 * dp, seq=12, seed=step + 1)
+        model.forward_backward(input_ids=ids[mine], labels=labels[mine])
+        zero.clip_grad_norm_(CLIP)
+        zero.step()
+        zero.zero_grad()
+
+
+def check_resume(stage, directory, phase):
+    """phase "whole": 5 steps; "first": 3 steps, then save model and optimizer state per rank;
+    "rest": new model and optimizer objects, load, steps 4 and 5. Returns the final weights."""
+    import os
+
+    ref = build("llama", tied=True, num_hidden_layers=2)
+    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(zero_stage=stage))
+    zero = sf.ZeroOptimizer(torch.optim.AdamW(model.parameters(), **ADAMW), model)
+    dp, mine = _rows(model, 2)
+    path = os.path.join(directory, f"rank{dist.get_rank()}.pt")
+    if phase == "rest":
+        saved = torch.load(path)
+        model.load_state_dict(saved["model"])
+        zero.load_state_dict(saved["optimizer"])
+    steps = {"whole": range(5), "first": range(3), "rest": range(3, 5)}[phase]
+    _train(model, zero, steps, dp, mine)
+    if phase == "first":
+        torch.save({"model": model.state_dict(), "optimizer": zero.state_dict()}, path)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_is_exact(pools, tmp_path, stage):
+    """Save at step 3, restore into new objects, steps 4-5 equal an uninterrupted run bit for bit."""
+    run = pools(2).run
+    whole = run(check_resume, stage, str(tmp_path), "whole")
+    run(check_resume, stage, str(tmp_path), "first")
+    resumed = run(check_resume, stage, str(tmp_path), "rest")
+    for a, b in zip(whole, resumed):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Other(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+
+def _zero_error(model, optimizer, *fragments, **kwargs):
+    with pytest.raises(ValueError) as raised:
+        sf.ZeroOptimizer(optimizer, model, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(raised.value), (fragment, str(raised.value))
+
+
+def check_bad_zero_input():
+    """Each a ValueError on every rank (the ranks agree on the outcome; nothing else runs)."""
+    model = sf.shard_model(build("llama", num_hidden_layers=2), config=sf.ShardConfig(zero_stage=2))
+    params = list(model.parameters())
+    _zero_error(model, torch.optim.AdamW(params[1:]), "model parameter model.embed_tokens.weight",
+                "not in the optimizer")
+    _zero_error(model, torch.optim.AdamW(params + list(_Other().parameters())), "not parameters of this model")
+    _zero_error(model, torch.optim.AdamW(_Other().parameters()), "not parameters of this model")
+    _zero_error(model, torch.optim.Adafactor(params), "element-wise", "Adafactor")
+    _zero_error(model, torch.optim.LBFGS(params), "LBFGS")
+    _zero_error(model, torch.optim.AdamW(params), "stage=1", "ShardConfig.zero_stage=2", stage=1)
+    plain = sf.shard_model(build("llama", num_hidden_layers=2), config=sf.ShardConfig())
+    _zero_error(plain, torch.optim.AdamW(plain.parameters()), "ShardConfig.zero_stage=0")
+    ids, labels = batch(2)
+    with pytest.raises(ValueError, match="wrap the optimizer with sf.ZeroOptimizer"):
+        model.forward_backward(input_ids=ids, labels=labels)
+    zero = sf.ZeroOptimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9), model)  # element-wise: fine
+    model.forward_backward(input_ids=ids, labels=labels)
+    zero.step()
+    with pytest.raises(ValueError, match="another layout"):
+        state = zero.state_dict()
+        state["layout"]["ranks"] = 3
+        zero.load_state_dict(state)
+    return True
+
+
+def test_bad_zero_input_raises_on_every_rank(pools):
+    assert pools(2).run(check_bad_zero_input) == [True, True]
+
+
+def test_zero_stage_3_is_refused_by_name():
+    with pytest.raises(NotImplementedError, match="ShardConfig.zero_stage=3"):
+        sf.ShardConfig(zero_stage=3)
