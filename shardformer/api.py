@@ -28,7 +28,8 @@ from . import policies as _policies
 from .batch_check import check_batch
 from .comm import agree_on_failure, all_or_none, all_reduce_no_grad
 from .config import ShardConfig
-from .data_parallel import GradReducer
+from .data_parallel import GradReducer, apply_zero3
+from .data_parallel.zero3 import no_gradient_sync
 from .fusion import apply_fused_kernels
 from .grad_clip import clip_grad_norm_
 from .mesh import build_groups, build_mesh, require_process_group
@@ -141,7 +142,7 @@ class ShardedModelMixin:
             self.sf_sequence_calls.validate(batch)
         if self.sf_pipeline is not None:
             self.sf_pipeline.check_batch(batch)
-        if self.sf_config.zero_stage and self.sf_zero is None:
+        if self.sf_config.zero_stage in (1, 2) and self.sf_zero is None:
             raise ValueError(f"ShardConfig.zero_stage={self.sf_config.zero_stage}: wrap the optimizer with "
                              "sf.ZeroOptimizer(optimizer, model) before training")
 
@@ -167,12 +168,16 @@ class ShardedModelMixin:
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip all gradients by the global norm of the unsharded model's gradient; returns it.
         With ZeRO the gradients are the optimizer's pieces: `sf.ZeroOptimizer.clip_grad_norm_`."""
-        if self.sf_zero is not None:
+        if self.sf_zero is not None and self.sf_config.zero_stage in (1, 2):
             return self.sf_zero.clip_grad_norm_(max_norm, norm_type)
+        if self.sf_config.zero_stage == 3:  # FSDP's gradient shards are disjoint over dp
+            return clip_grad_norm_(self, max_norm, self.sf_groups.size("sp"), norm_type)
         return clip_grad_norm_(self, max_norm, self.sf_groups.data_size, norm_type)
 
     def no_sync(self):
         """Context manager: skip the data-parallel gradient reduction (gradient accumulation)."""
+        if self.sf_config.zero_stage == 3:
+            return no_gradient_sync(self)
         return self.sf_grad_reducer.no_sync()
 
 
@@ -254,8 +259,10 @@ def _apply(model, plan: LayoutPlan, groups) -> None:
             model, plan.pp, groups, lambda view, call: run_forward(view, hf_forward, (), call, takes_return_dict))
         if not model.sf_pipeline.has_last:
             object.__setattr__(model, "sf_lm_head", None)
-    model.sf_grad_reducer = GradReducer(model, groups)
+    model.sf_grad_reducer = GradReducer(model, groups, reduce_data=config.zero_stage != 3)
     model.__class__ = _sharded_class(type(model))
+    if config.zero_stage == 3:  # last: FSDP2 wraps the sharded class and its parameters
+        apply_zero3(model, model.get_submodule(plan.tp.layers_path), groups, config.cpu_offload)
 
 
 def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None = None) -> torch.nn.Module:

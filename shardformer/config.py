@@ -38,7 +38,9 @@ class ShardConfig:
             on every rank (a rank that raised inside a stage stops the others this way).
         zero_stage: 0 (plain data parallel); 1 (optimizer state and fp32 master weights sharded
             over the data-parallel ranks) or 2 (gradients too), with `sf.ZeroOptimizer(opt, model)`;
-            3 (weights too) is not built yet.
+            3 (weights too, with FSDP2; a plain optimizer or the wrapper).
+        cpu_offload: with zero_stage=3, keep the weight shards, gradients and the optimizer step
+            in CPU memory (the default of `sf.ZeroOptimizer(cpu_offload=...)` at stages 1 and 2).
         enable_fused_kernels: let the policy substitute fused-kernel modules (RMSNorm, SwiGLU,
             rotary): CUDA kernels on GPUs, an exact PyTorch reference elsewhere.
         gradient_checkpointing: recompute each decoder layer in backward (HF's own mechanism).
@@ -57,13 +59,13 @@ class ShardConfig:
     zero_stage: int = 0
     pp_stage_layers: tuple[int, ...] | None = None
     pipeline_timeout_s: float = 300.0
+    cpu_offload: bool = False
     enable_fused_kernels: bool = True
     gradient_checkpointing: bool = False
     check_batch: bool = True
 
     def __post_init__(self):
-        """Check every field by type first (bool is not an int here, 0.0 is not 0), then by value;
-        only then refuse the fields of features not built yet."""
+        """Check every field by type first (bool is not an int here, 0.0 is not 0), then by value."""
         def is_int(value):
             return isinstance(value, int) and not isinstance(value, bool)
 
@@ -92,7 +94,7 @@ class ShardConfig:
                              f"got {self.pipeline_timeout_s!r}")
         if not is_int(self.zero_stage) or self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"ShardConfig.zero_stage must be an int in {ZERO_STAGES}, got {self.zero_stage!r}")
-        for name in ("enable_fused_kernels", "gradient_checkpointing", "check_batch"):
+        for name in ("enable_fused_kernels", "gradient_checkpointing", "check_batch", "cpu_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ShardConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.sp_size > 1 and self.sp_mode is None:
@@ -111,19 +113,6 @@ class ShardConfig:
                                 self.num_microbatches is None), ("pp_stage_layers", self.pp_stage_layers is None)):
                 if not unset:
                     raise ValueError(f"ShardConfig.{name}={getattr(self, name)!r} needs ShardConfig.pp_size > 1")
-        self._refuse_unbuilt()
-
-    def _refuse_unbuilt(self):
-        """Fields whose feature does not exist yet: refuse non-default values by name."""
-        unbuilt = {
-            "zero_stage": (self.zero_stage == 3, "ZeRO stage 3 (weights sharded with FSDP2)"),
-        }
-        for field_name, (is_set, feature) in unbuilt.items():
-            if is_set:
-                raise NotImplementedError(
-                    f"ShardConfig.{field_name}={getattr(self, field_name)!r}: {feature} is not built yet; "
-                    f"leave ShardConfig.{field_name} at its default"
-                )
 
     @property
     def virtual_stages(self) -> int:

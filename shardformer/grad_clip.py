@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import comm_device, raise_if_failed
-from .sharding import sharded_parameters
+from .sharding import local, sharded_parameters
 
 
 def _local_norm_term(entries, norm_type: float, device) -> torch.Tensor:
@@ -36,7 +36,7 @@ def _local_norm_term(entries, norm_type: float, device) -> torch.Tensor:
 
 def model_gradients(model) -> list[tuple[torch.Tensor, int]]:
     """(gradient, ranks of its replica holding the same entries) for every parameter with one."""
-    return [(p.grad, spec.replicas * spec.stage_copies) for _, p, spec in sharded_parameters(model)
+    return [(local(p.grad), spec.replicas * spec.stage_copies) for _, p, spec in sharded_parameters(model)
             if p.grad is not None]
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import ShardConfig
 from .fusion import plan_fused_kernels
+from .data_parallel.zero3 import plan_zero3
 from .mesh import check_world
 from .pipeline import PipelinePlan, plan_pipeline
 from .sequence_parallel import SplitGatherPlan, UlyssesPlan, plan_split_gather, plan_ulysses
@@ -47,6 +48,8 @@ def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) 
     elif config.sp_mode in ("all_to_all", "ring"):
         sp = plan_ulysses(model, policy, tp, config)
     pp = plan_pipeline(model, policy, tp, config) if config.pp_size > 1 else None
+    if config.zero_stage == 3:
+        plan_zero3(config, tp)
     if pp is not None and sp is not None:  # split_gather: the sequence is whole between stages
         starts = [pp.layer_range(s).start for s in range(pp.stages)]
         sp.stage_starts, sp.stage_ends = set(starts), {start - 1 for start in starts[1:]}

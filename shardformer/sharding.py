@@ -114,6 +114,17 @@ def gather_full(tensor: torch.Tensor, spec: ShardSpec, tp_group) -> torch.Tensor
     return merge_pieces(list(stacked.chunk(dist.get_world_size(tp_group), dim=0)), spec)
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (ZeRO-3's FSDP parameters and gradients over dp); a plain
+    tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor over dp of a DTensor (a collective over dp); a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def record_specs(module: torch.nn.Module, **specs: ShardSpec) -> None:
     """Attach the layout of `module`'s own parameters (by attribute name); parallel layers call
     it on construction."""

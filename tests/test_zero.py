@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 import shardformer as sf
 from shardformer.data_parallel import per_rank_bytes
+from shardformer.sharding import local
 
 from .models import batch, build, rel_err
 from .test_equivalence import ADAMW, TOL
@@ -25,7 +26,8 @@ def _rows(model, rows_per_rank):
 def check_zero(stage, tp=1, sp=1, sp_mode=None, pp=1, accumulate=1, offload=False, steps=5, rows_per_rank=2,
                seq=12):
     ref = build("llama", tied=True, num_hidden_layers=4)
-    cfg = sf.ShardConfig(tp_size=tp, sp_size=sp, sp_mode=sp_mode, pp_size=pp, zero_stage=stage)
+    cfg = sf.ShardConfig(tp_size=tp, sp_size=sp, sp_mode=sp_mode, pp_size=pp, zero_stage=stage,
+                         cpu_offload=offload and stage == 3)
     model = sf.shard_model(copy.deepcopy(ref), config=cfg)
     zero = sf.ZeroOptimizer(torch.optim.AdamW(model.parameters(), **ADAMW), model, cpu_offload=offload)
     ref_opt = torch.optim.AdamW(ref.parameters(), **ADAMW)
@@ -54,7 +56,7 @@ def check_zero(stage, tp=1, sp=1, sp_mode=None, pp=1, accumulate=1, offload=Fals
     return max(errs.values())
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("dp", [2, 4])
 def test_zero_matches_adamw(pools, stage, dp):
     assert max(pools(dp).run(check_zero, stage)) <= TOL
@@ -68,6 +70,9 @@ def test_zero_matches_adamw(pools, stage, dp):
     (2, dict(accumulate=2)),                           # dp 4, two micro-steps (no_sync on the first)
     (1, dict(accumulate=2)),
     (2, dict(offload=True)),
+    (3, dict(tp=2)),                                   # tp2 x dp2, FSDP2 over dp
+    (3, dict(offload=True)),
+    (3, dict(accumulate=2)),
 ])
 def test_zero_layouts(pools, stage, kwargs):
     assert max(pools(4).run(check_zero, stage, **kwargs)) <= TOL
@@ -85,6 +90,8 @@ def check_memory(stage):
     after_step = per_rank_bytes(zero)
     total = sum(p.numel() for p in model.parameters())
     padding = sum(-p.numel() % dp for p in model.parameters())  # at most dp - 1 entries a parameter
+    if stage == 3:  # FSDP cuts dim 0: a rank's share is off by at most one row of each tensor
+        padding = sum(p.numel() // p.shape[0] for p in model.parameters())
     return dp, total, padding, after_backward, after_step
 
 
@@ -92,12 +99,18 @@ def check_memory(stage):
 def test_zero_memory_per_rank(pools, dp):
     """Master weights and optimizer state: the total / dp on each rank (plus the padding of each
     parameter to a multiple of dp); stage 2 gradients too (pieces, the full .grad freed during
-    backward); stage 1 keeps full gradients; weights stay whole at stages 1 and 2."""
+    backward); stage 1 keeps full gradients; weights stay whole at stages 1 and 2. Stage 3:
+    weights, gradients and optimizer state are FSDP's shards (dim 0 of each tensor over dp; the
+    bound allows each tensor's rounding up of its first dimension)."""
     rows = {}
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         results = pools(dp).run(check_memory, stage)
         for _, total, padding, backward, step in results:
             fp32 = 4 * total
+            if stage == 3:  # FSDP2: weights, gradients and AdamW state are this rank's dim-0 shards
+                assert abs(step["weights"] - fp32 / dp) <= 4 * padding, step
+                assert backward["gradients"] == step["weights"] and step["optimizer_state"] == 2 * step["weights"]
+                continue
             assert 4 * total // dp <= step["master_weights"] <= 4 * (total + padding) // dp + 4, step
             assert step["optimizer_state"] == 2 * step["master_weights"], step  # AdamW: exp_avg, exp_avg_sq
             assert step["weights"] == fp32
@@ -105,10 +118,11 @@ def test_zero_memory_per_rank(pools, dp):
                 assert backward["gradients"] == step["master_weights"], backward  # pieces only
             else:
                 assert backward["gradients"] == fp32, backward
+        if stage == 3:
+            assert sum(r[4]["weights"] for r in results) == 4 * results[0][1]  # every entry held once
         rows[stage] = results[0][3] | {k: v for k, v in results[0][4].items() if k != "gradients"}
     print(f"\nper-rank bytes at dp={dp} (model {4 * results[0][1]} B fp32): "
-          + "; ".join(f"stage {s}: " + ", ".join(f"{k} {v}" for k, v in r.items()) for s, r in rows.items())
-          + "; stage 3: not built")
+          + "; ".join(f"stage {s}: " + ", ".join(f"{k} {v}" for k, v in r.items()) for s, r in rows.items()))
 
 
 def check_overflow(stage):
@@ -224,10 +238,10 @@ def check_resume(stage, directory, phase):
     _train(model, zero, steps, dp, mine)
     if phase == "first":
         torch.save({"model": model.state_dict(), "optimizer": zero.state_dict()}, path)
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return {k: local(v).clone() for k, v in model.state_dict().items()}  # stage 3: this rank's shards
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_is_exact(pools, tmp_path, stage):
     """Save at step 3, restore into new objects, steps 4-5 equal an uninterrupted run bit for bit."""
     run = pools(2).run
@@ -281,6 +295,17 @@ def test_bad_zero_input_raises_on_every_rank(pools):
     assert pools(2).run(check_bad_zero_input) == [True, True]
 
 
-def test_zero_stage_3_is_refused_by_name():
-    with pytest.raises(NotImplementedError, match="ShardConfig.zero_stage=3"):
-        sf.ShardConfig(zero_stage=3)
+def check_stage_3_refusals():
+    """Layouts stage 3 does not support are ValueErrors at setup naming the fields (4 ranks)."""
+    cases = [(dict(zero_stage=3, pp_size=2), "ShardConfig.pp_size=2"),
+             (dict(zero_stage=3, sp_size=2, sp_mode="all_to_all"), "ShardConfig.sp_mode='all_to_all'"),
+             (dict(zero_stage=3, tp_size=4), "model.config.num_key_value_heads")]
+    for kwargs, fragment in cases:
+        with pytest.raises(ValueError, match="ShardConfig.zero_stage=3") as raised:
+            sf.shard_model(build("llama", num_hidden_layers=2), config=sf.ShardConfig(**kwargs))
+        assert fragment in str(raised.value), str(raised.value)
+    return True
+
+
+def test_zero_stage_3_refuses_what_it_cannot_do(pools):
+    assert pools(4).run(check_stage_3_refusals) == [True] * 4

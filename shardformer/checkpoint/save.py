@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_or_none
-from ..sharding import gather_full, sharded_parameters
+from ..sharding import full as whole_over_dp, gather_full, sharded_parameters
 
 
 @torch.no_grad()
@@ -31,7 +31,8 @@ def full_state_dict(model: torch.nn.Module, keep: bool = True) -> dict[str, torc
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) not in done:
             spec = specs.get(name)
-            gathered = tensor.detach() if spec is None else gather_full(tensor, spec, group)
+            whole = whole_over_dp(tensor.detach())  # ZeRO-3: the whole tensor over dp first
+            gathered = whole if spec is None else gather_full(whole, spec, group)
             done[id(tensor)] = gathered.cpu() if keep else None
         if keep:
             full[name] = done[id(tensor)]

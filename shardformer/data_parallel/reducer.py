@@ -56,15 +56,17 @@ class GradReducer:
     """Reduces gradients over the copies of each parameter (see module docstring). Does nothing
     when no parameter has copies across ranks."""
 
-    def __init__(self, model: torch.nn.Module, groups: ParallelGroups, bucket_mb: float = 25.0):
-        """Sum hooks on partial parameters; dp buckets of about `bucket_mb` MiB per dtype."""
+    def __init__(self, model: torch.nn.Module, groups: ParallelGroups, bucket_mb: float = 25.0,
+                 reduce_data: bool = True):
+        """Sum hooks on partial parameters; dp buckets of about `bucket_mb` MiB per dtype (none
+        with `reduce_data=False`: ZeRO-3's FSDP reduces over dp itself)."""
         self.enabled = True
         self._queued = False
         self._sink = None  # ZeRO-2: (param, this rank's reduced piece, had a gradient anywhere) -> None
         self._layout = None
         # buckets launched while backward was still running vs at its end (overlap evidence)
         self.launches = {"during_backward": 0, "at_end": 0}
-        dp = groups.data_size  # dp x sp
+        dp = groups.data_size if reduce_data else 1  # dp x sp
         by_dtype: dict = {}
         self._handles = []
         for _, param, spec in reversed(list(sharded_parameters(model))):

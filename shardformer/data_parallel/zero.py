@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ..comm import agree_on_failure
 from ..grad_clip import clip_gradients
-from ..sharding import sharded_parameters
+from ..sharding import local, sharded_parameters
 
 logger = logging.getLogger("shardformer")
 
@@ -92,7 +92,8 @@ def _probe_elementwise(optimizer) -> int:
 
 
 class ZeroOptimizer:
-    """Wraps `optimizer` (built on `model.parameters()`) for `ShardConfig.zero_stage` 1 or 2.
+    """Wraps `optimizer` (built on `model.parameters()`) for `ShardConfig.zero_stage` 1 or 2; at
+    stage 3 (FSDP2 shards the weights) it only steps, clips and saves through the model.
 
     Args:
         optimizer: an element-wise torch optimizer over every trainable parameter of `model`,
@@ -102,20 +103,26 @@ class ZeroOptimizer:
         bucket_size_mb: size of the all-gather buckets after `step()` (the gradient buckets are
             the model's reducer's).
         overlap_communication: stage 2 reduce-scatters buckets while backward runs (always on).
-        cpu_offload: keep master weights and optimizer state in CPU memory and step there.
+        cpu_offload: keep master weights and optimizer state in CPU memory and step there
+            (default `ShardConfig.cpu_offload`; at stage 3 that field decides).
         initial_scale, growth_interval: fp16 dynamic loss scaling.
     """
 
     def __init__(self, optimizer, model, stage: int | None = None, bucket_size_mb: float = 25.0,
-                 overlap_communication: bool = True, cpu_offload: bool = False,
+                 overlap_communication: bool = True, cpu_offload: bool | None = None,
                  initial_scale: float = 2.0 ** 16, growth_interval: int = 1000):
         error, count = None, 0
         try:
-            count = self._validate(optimizer, model, stage)
+            count = self._validate(optimizer, model, stage, cpu_offload)
         except Exception as err:  # noqa: BLE001 - every rank raises below
             error = err
         agree_on_failure(error, None, "sf.ZeroOptimizer")
         self.inner, self.model, self.stage = optimizer, model, model.sf_config.zero_stage
+        model.sf_zero = self
+        if self.stage == 3:  # FSDP2 holds the shards: the wrapper steps, clips and saves through it
+            self.fp16, self.found_inf, self.params = False, False, list(model.parameters())
+            return
+        cpu_offload = model.sf_config.cpu_offload if cpu_offload is None else cpu_offload
         self.cpu_offload, self.bucket_bytes = cpu_offload, int(bucket_size_mb * 2 ** 20)
         self.overlap_communication = overlap_communication
         self.layout = ShardLayout(model.sf_groups.data)
@@ -132,19 +139,21 @@ class ZeroOptimizer:
         self.found_inf = False
         if self.stage == 2 and model.sf_grad_reducer.active:
             model.sf_grad_reducer.scatter_to(self.layout, self._receive)
-        model.sf_zero = self
         if dist.get_rank() == 0:
             logger.info(self.describe(count))
 
     # ------------------------------------------------------------------ setup
     @staticmethod
-    def _validate(optimizer, model, stage) -> int:
+    def _validate(optimizer, model, stage, cpu_offload) -> int:
         config = getattr(model, "sf_config", None)
         if config is None:
             raise ValueError("sf.ZeroOptimizer(optimizer, model): model must be returned by sf.shard_model")
-        if config.zero_stage not in (1, 2):
-            raise ValueError(f"sf.ZeroOptimizer needs a model sharded with ShardConfig.zero_stage 1 or 2 "
+        if config.zero_stage not in (1, 2, 3):
+            raise ValueError(f"sf.ZeroOptimizer needs a model sharded with ShardConfig.zero_stage 1, 2 or 3 "
                              f"(got ShardConfig.zero_stage={config.zero_stage})")
+        if config.zero_stage == 3 and cpu_offload is not None and cpu_offload != config.cpu_offload:
+            raise ValueError(f"sf.ZeroOptimizer(cpu_offload={cpu_offload}) at stage 3: the weights were sharded with "
+                             f"ShardConfig.cpu_offload={config.cpu_offload}; set it there")
         if stage is not None and stage != config.zero_stage:
             raise ValueError(f"sf.ZeroOptimizer(stage={stage}) disagrees with the model's "
                              f"ShardConfig.zero_stage={config.zero_stage}")
@@ -160,9 +169,11 @@ class ZeroOptimizer:
         if missing:
             raise ValueError(f"sf.ZeroOptimizer: model parameter {missing[0]} (and {len(missing) - 1} more) is not in "
                              "the optimizer; build it on model.parameters()")
-        if any(p.dtype == torch.float16 for p in model.parameters()) and model.sf_pipeline is not None:
-            raise ValueError("fp16 loss scaling with ShardConfig.pp_size > 1 is not supported; use bf16")
-        return _probe_elementwise(optimizer)
+        fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+        if fp16 and (model.sf_pipeline is not None or config.zero_stage == 3):
+            raise ValueError("fp16 loss scaling with ShardConfig.pp_size > 1 or ShardConfig.zero_stage=3 is not "
+                             "supported; use bf16")
+        return 0 if config.zero_stage == 3 else _probe_elementwise(optimizer)
 
     def _master(self, p: torch.Tensor, device) -> torch.Tensor:
         piece = self.layout.piece(p.detach().reshape(-1), p).to(torch.float32, copy=True)
@@ -224,6 +235,8 @@ class ZeroOptimizer:
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip by the global norm of the unsharded model's gradient (every rank's pieces, each
         entry counted once over tp, sp, pp and dp); returns it. Every rank must call it."""
+        if self.stage == 3:
+            return self.model.clip_grad_norm_(max_norm, norm_type)
         self._prepare()
         if self.found_inf:
             return torch.tensor(float("inf"))
@@ -238,6 +251,9 @@ class ZeroOptimizer:
         overflow anywhere skips the step everywhere (returns None)."""
         if closure is not None:
             raise ValueError("sf.ZeroOptimizer.step does not take a closure")
+        if self.stage == 3:
+            self.inner.step()
+            return None
         self._prepare()
         self._prepared = False
         if self.found_inf:
@@ -282,6 +298,8 @@ class ZeroOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the model's gradients, this rank's pieces and the masters' gradients."""
         self.model.zero_grad(set_to_none=True)
+        if self.stage == 3:
+            return
         self.pieces.clear()
         for m in self.masters.values():
             m.grad = None
@@ -294,13 +312,21 @@ class ZeroOptimizer:
 
     def state_dict(self) -> dict:
         """This rank's state (resume on the same layout): the wrapped optimizer's state over the
-        master pieces, the master pieces themselves and the loss scale."""
+        master pieces, the master pieces themselves and the loss scale (stage 3: the wrapped
+        optimizer's state over this rank's FSDP shards)."""
+        if self.stage == 3:
+            return {"inner": self.inner.state_dict(), "layout": {"stage": 3}}
         return {"inner": self.inner.state_dict(), "masters": [self.masters[id(p)].clone() for p in self.params],
                 "scale": self.scale, "good_steps": self._good_steps,
                 "layout": {"stage": self.stage, "ranks": self.layout.size, "rank": self.layout.rank,
                            "pieces": [self.layout.piece_size(p) for p in self.params]}}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.stage == 3:
+            if state.get("layout") != {"stage": 3}:
+                raise ValueError("sf.ZeroOptimizer.load_state_dict: the state was saved on another layout")
+            self.inner.load_state_dict(state["inner"])
+            return
         expected = {"stage": self.stage, "ranks": self.layout.size, "rank": self.layout.rank,
                     "pieces": [self.layout.piece_size(p) for p in self.params]}
         if state.get("layout") != expected:
@@ -317,13 +343,17 @@ class ZeroOptimizer:
 def per_rank_bytes(zero: ZeroOptimizer) -> dict[str, int]:
     """What this rank holds now, measured from the tensors: weights, gradients (full `.grad` and
     stage-2 pieces), master weights and optimizer state."""
+    def size(t):
+        t = local(t)
+        return t.numel() * t.element_size()
+
     states = [v for s in zero.inner.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
     return {
-        "weights": sum(p.numel() * p.element_size() for p in zero.params),
-        "gradients": sum(p.grad.numel() * p.grad.element_size() for p in zero.params if p.grad is not None)
-        + sum(t.numel() * t.element_size() for t in zero.pieces.values()),
-        "master_weights": sum(m.numel() * m.element_size() for m in zero.masters.values()),
-        "optimizer_state": sum(t.numel() * t.element_size() for t in states),
+        "weights": sum(size(p) for p in zero.params),
+        "gradients": sum(size(p.grad) for p in zero.params if p.grad is not None)
+        + sum(size(t) for t in getattr(zero, "pieces", {}).values()),
+        "master_weights": sum(size(m) for m in getattr(zero, "masters", {}).values()),
+        "optimizer_state": sum(size(t) for t in states),
     }
 
 
