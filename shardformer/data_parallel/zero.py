@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ..comm import agree_on_failure
 from ..grad_clip import clip_gradients
-from ..sharding import local, sharded_parameters
+from ..sharding import gather_full, local, sharded_parameters, split_tensor
 
 logger = logging.getLogger("shardformer")
 
@@ -321,6 +321,20 @@ class ZeroOptimizer:
                 "layout": {"stage": self.stage, "ranks": self.layout.size, "rank": self.layout.rank,
                            "pieces": [self.layout.piece_size(p) for p in self.params]}}
 
+    def consolidated_state_dict(self) -> dict:
+        """The unsharded model's optimizer state by parameter name (see the module function);
+        stages 1 and 2."""
+        if self.stage == 3:
+            raise ValueError("consolidated_state_dict at stage 3: use torch.distributed.checkpoint on the "
+                             "FSDP2 optimizer state")
+        return consolidated_state_dict(self)
+
+    def load_consolidated_state_dict(self, state: dict) -> None:
+        """Resume from a `consolidated_state_dict` saved on any layout (stages 1 and 2)."""
+        if self.stage == 3:
+            raise ValueError("load_consolidated_state_dict at stage 3 is not supported")
+        load_consolidated_state_dict(self, state)
+
     def load_state_dict(self, state: dict) -> None:
         if self.stage == 3:
             if state.get("layout") != {"stage": 3}:
@@ -340,6 +354,61 @@ class ZeroOptimizer:
         self.scale, self._good_steps = float(state["scale"]), int(state["good_steps"])
 
 
+def _whole(zero: ZeroOptimizer, piece: torch.Tensor, p: torch.Tensor, spec) -> torch.Tensor:
+    """The unsharded tensor (the HF parameter's shape) from every data rank's `piece` of `p`'s
+    tensor-parallel shard: all-gather over the data group, then over tp (collectives)."""
+    n = zero.layout.size
+    pieces = torch.empty(n * piece.numel(), dtype=piece.dtype, device=p.device)
+    dist.all_gather_into_tensor(pieces, piece.to(p.device).contiguous(), group=zero.layout.group)
+    shard = pieces[:p.numel()].view(p.shape)
+    return gather_full(shard, spec, zero.model.sf_mesh.get_group("tp")).cpu()
+
+
+def consolidated_state_dict(zero: ZeroOptimizer) -> dict:
+    """The optimizer state of the unsharded model, keyed by HF parameter name (master weight and
+    every state tensor in the parameter's full shape; scalars such as `step` as they are), with
+    the hyperparameters and the loss scale: to resume on another layout with
+    `load_consolidated_state_dict`. Every rank must call it; every rank gets it (with pipeline
+    parallelism, its own stages' parameters)."""
+    specs = {id(p): spec for _, p, spec in sharded_parameters(zero.model)}
+    names = {id(p): n for n, p in zero.model.named_parameters()}
+    state = {}
+    for p in zero.params:
+        master = zero.masters[id(p)]
+        entries = {"master": master, **zero.inner.state.get(master, {})}
+        state[names[id(p)]] = {k: _whole(zero, v, p, specs[id(p)]) if torch.is_tensor(v) and v.shape == master.shape
+                               else v for k, v in entries.items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in zero.inner.param_groups]
+    return {"state": state, "param_groups": groups, "scale": zero.scale, "good_steps": zero._good_steps}
+
+
+@torch.no_grad()
+def load_consolidated_state_dict(zero: ZeroOptimizer, full_state: dict) -> None:
+    """Take this rank's pieces of a `consolidated_state_dict` saved on any layout."""
+    specs = {id(p): spec for _, p, spec in sharded_parameters(zero.model)}
+    names = {id(p): n for n, p in zero.model.named_parameters()}
+    tp_rank = zero.model.sf_mesh.get_local_rank("tp")
+    missing = [names[id(p)] for p in zero.params if names[id(p)] not in full_state["state"]]
+    if missing:
+        raise ValueError(f"load_consolidated_state_dict: no state for parameter {missing[0]}")
+    for p in zero.params:
+        master = zero.masters[id(p)]
+        entry = full_state["state"][names[id(p)]]
+
+        def mine(t):
+            shard = split_tensor(t.to(p.device), specs[id(p)], tp_rank)
+            return zero.layout.piece(shard.reshape(-1), p).to(master.device, torch.float32)
+
+        master.copy_(mine(entry["master"]))
+        shape = entry["master"].shape  # the unsharded parameter's
+        zero.inner.state[master] = {k: mine(v) if torch.is_tensor(v) and v.shape == shape else v
+                                    for k, v in entry.items() if k != "master"}
+    for group, saved in zip(zero.inner.param_groups, full_state["param_groups"]):
+        group.update(saved)
+    zero.scale, zero._good_steps = float(full_state["scale"]), int(full_state["good_steps"])
+    zero._gather_parameters()
+
+
 def per_rank_bytes(zero: ZeroOptimizer) -> dict[str, int]:
     """What this rank holds now, measured from the tensors: weights, gradients (full `.grad` and
     stage-2 pieces), master weights and optimizer state."""
@@ -357,4 +426,4 @@ def per_rank_bytes(zero: ZeroOptimizer) -> dict[str, int]:
     }
 
 
-__all__ = ["ZeroOptimizer", "ShardLayout", "per_rank_bytes"]
+__all__ = ["ZeroOptimizer", "ShardLayout", "per_rank_bytes", "consolidated_state_dict", "load_consolidated_state_dict"]
