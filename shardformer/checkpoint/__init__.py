@@ -1,4 +1,5 @@
-"""Checkpoints: HF directories from any layout (sliced loading and resumable state come here)."""
+"""Checkpoints: HF directories from any layout, and sliced loading into any layout."""
+from .load import load_pretrained
 from .save import full_state_dict, save_pretrained
 
-__all__ = ["full_state_dict", "save_pretrained"]
+__all__ = ["full_state_dict", "load_pretrained", "save_pretrained"]

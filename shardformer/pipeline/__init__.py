@@ -29,7 +29,6 @@ def apply_pipeline(model, plan: PipelinePlan, groups, call_model) -> PipelineRun
                     specs[name] = dataclasses.replace(specs.get(name, ShardSpec.replicated(tp)), stage_copies=2)
                     module.sf_shard_specs = specs
     cut_model(model, plan, mine)
-    param = next(model.parameters())
     runner = PipelineRunner(model, plan, pp_rank, groups.pp, groups.tied, tied_param, call_model,
-                            model.config.hidden_size, param.dtype, param.device)
+                            model.config.hidden_size)
     return runner

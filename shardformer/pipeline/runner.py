@@ -55,15 +55,15 @@ class PipelineRunner:
         tied_group: the group of the two ranks holding the first and last stage, when the
             embeddings are tied and those differ (else None); `tied_param`: this rank's copy.
         call_model: (view, kwargs) -> HF output, the sharded model's own call.
-        hidden_size, dtype, device: the hidden states passed between stages.
+        hidden_size: of the hidden states passed between stages (their dtype and device are the
+            stages' parameters' when a step runs).
     """
 
-    def __init__(self, model, plan, pp_rank: int, group, tied_group, tied_param, call_model,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model, plan, pp_rank: int, group, tied_group, tied_param, call_model, hidden_size: int):
         self.plan, self.pp_rank, self.group = plan, pp_rank, group
         self.tied_group, self.tied_param = tied_group, tied_param
         self.modules = [StageModule(model, plan, s, call_model) for s in plan.stages_of(pp_rank)]
-        self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
+        self.hidden_size = hidden_size
         self._schedules: OrderedDict = OrderedDict()
         self._tied_before = None
 
@@ -97,13 +97,18 @@ class PipelineRunner:
         if ids.shape[0] % n:
             raise ValueError(f"the batch size {ids.shape[0]} does not divide by ShardConfig.num_microbatches={n}")
 
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's stages are now (read from their parameters: the model may have been
+        moved, or materialised from the meta device, after sharding)."""
+        return next(self.modules[0].parameters()).device
+
     def _hidden(self, mb: int, seq: int, grad: bool) -> torch.Tensor:
         param = next(self.modules[0].parameters())  # read now: the model may have been cast or moved
         return torch.empty(mb, seq, self.hidden_size, dtype=param.dtype, device=param.device, requires_grad=grad)
 
     def _schedule(self, mb: int, seq: int):
         param = next(self.modules[0].parameters())
-        self.device = param.device
         key = (mb, seq, param.dtype, param.device)
         if key in self._schedules:
             self._schedules.move_to_end(key)

@@ -1,0 +1,169 @@
+"""`load_pretrained`: an HF checkpoint straight into a layout, each rank reading only its slices.
+
+The model is built on the meta device (no memory), sharded by `shard_model` (tensor, sequence
+and pipeline parallelism see only shapes), then materialised empty on the device, parameter by
+parameter (tied parameters stay one tensor), and each local parameter is filled from the
+safetensors files with `safe_open(...).get_slice`: a tensor-parallel piece reads only its rows
+or columns (`ShardSpec.start` / `valid`; vocabulary padding stays zero), a pipeline rank only
+its stages' tensors. So a rank's host memory while loading is its shard plus at most one
+tensor's slice. Non-persistent buffers (rotary frequencies) are recomputed by the model's own
+`_init_weights`; the gradient reducer is rebuilt on the real parameters.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..sharding import sharded_parameters
+
+_WEIGHTS, _INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """{tensor name: file} of an HF checkpoint directory (sharded with an index, or one file)."""
+    index = os.path.join(path, _INDEX)
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, _WEIGHTS)
+    if not os.path.exists(single):
+        raise ValueError(f"sf.load_pretrained: {path!r} holds neither {_WEIGHTS} nor {_INDEX}")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _model_class(hf_config):
+    import transformers
+
+    for name in getattr(hf_config, "architectures", None) or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModelForCausalLM
+
+
+def _materialize(model: nn.Module, device: torch.device) -> dict[int, torch.Tensor]:
+    """Replace every meta parameter and buffer by an empty one on `device` (shared ones once);
+    returns {id(old): new}."""
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                module._parameters[name] = made[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                if id(b) not in made:
+                    made[id(b)] = torch.empty_like(b, device=device)
+                module._buffers[name] = made[id(b)]
+    return made
+
+
+class _Reader:
+    """Reads slices from the checkpoint's files, counting the bytes it read."""
+
+    def __init__(self, files: dict[str, str]):
+        from safetensors import safe_open
+
+        self.files, self.bytes_read, self._open = files, 0, {}
+        self._safe_open = safe_open
+
+    def _handle(self, file):
+        if file not in self._open:
+            self._open[file] = self._safe_open(file, framework="pt")
+        return self._open[file]
+
+    def read(self, key: str, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
+        part = self._handle(self.files[key]).get_slice(key)
+        if dim is None:
+            tensor = part[:]
+        else:
+            index = [slice(None)] * len(part.get_shape())
+            index[dim] = slice(start, start + length)
+            tensor = part[tuple(index)]
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+@torch.no_grad()
+def _fill(model: nn.Module, reader: _Reader) -> None:
+    tp_rank = model.sf_mesh.get_local_rank("tp")
+    for name, param, spec in sharded_parameters(model):
+        key = name if name in reader.files else _tied_key(model, name, reader)
+        if not spec.split:
+            param.copy_(reader.read(key))
+            continue
+        start, valid = spec.start(tp_rank), spec.valid(tp_rank)
+        param.zero_()
+        if valid:
+            param.narrow(spec.dim, 0, valid).copy_(reader.read(key, spec.dim, start, valid))
+    for name, buffer in model.named_buffers():
+        if name in reader.files:
+            buffer.copy_(reader.read(name))
+
+
+def _tied_key(model, name: str, reader: _Reader) -> str:
+    """The checkpoint key of a parameter absent under its own name: a tied LM head stored as the
+    input embedding (HF writes tied tensors once)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for candidate, module in model.named_modules():
+        if module is embedding and f"{candidate}.weight" in reader.files:
+            return f"{candidate}.weight"
+    for candidate in reader.files:
+        if candidate.endswith("embed_tokens.weight"):
+            return candidate
+    raise ValueError(f"sf.load_pretrained: the checkpoint has no tensor for parameter {name}")
+
+
+def load_pretrained(path: str, config=None, policy=None, dtype: torch.dtype | None = None, device=None):
+    """Build the model of the HF checkpoint at `path` sharded by `config` (a `ShardConfig`), each
+    rank reading only its own slices (see module docstring). `dtype`: the parameters' dtype
+    (default: the checkpoint config's, else fp32); `device`: default this rank's GPU under NCCL,
+    else the CPU. Every rank must call it."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from ..api import shard_model
+    from ..config import ShardConfig
+    from ..data_parallel import GradReducer
+    from ..mesh import device_type
+
+    config = ShardConfig() if config is None else config
+    if config.zero_stage == 3:
+        raise ValueError("sf.load_pretrained with ShardConfig.zero_stage=3 is not supported yet: load at zero_stage "
+                         "0-2 or shard_model(from_pretrained(...))")
+    if not os.path.isdir(path):
+        raise ValueError(f"sf.load_pretrained: {path!r} is not a checkpoint directory")
+    hf_config = AutoConfig.from_pretrained(path)
+    files = _weight_files(path)
+    cls = _model_class(hf_config)
+    with torch.device("meta"):
+        model = cls(hf_config)
+    if dtype is not None:
+        model.to(dtype)
+    model = shard_model(model, policy, config)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
+    made = _materialize(model, torch.device(device))
+    runner = model.sf_pipeline
+    if runner is not None and runner.tied_param is not None:
+        runner.tied_param = made.get(id(runner.tied_param), runner.tied_param)
+    reader = _Reader(files)
+    _fill(model, reader)
+    for module in model.modules():  # non-persistent buffers: the model's own initialisation
+        if getattr(module, "_non_persistent_buffers_set", None):
+            model._init_weights(module)
+    model.sf_grad_reducer.remove()
+    model.sf_grad_reducer = GradReducer(model, model.sf_groups)
+    model.sf_load_bytes = reader.bytes_read
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    dist.barrier()
+    return model
