@@ -2,7 +2,7 @@
 Hugging Face transformers models. See README.md and DESIGN.md."""
 from . import pipeline, policies
 from .api import shard_model
-from .checkpoint import full_state_dict, load_pretrained, save_pretrained
+from .checkpoint import full_state_dict, init_model, load_pretrained, save_pretrained
 from .config import ShardConfig
 from .data_parallel import ZeroOptimizer
 from .mesh import build_mesh
@@ -13,6 +13,7 @@ __all__ = [
     "shard_model",
     "save_pretrained",
     "load_pretrained",
+    "init_model",
     "full_state_dict",
     "build_mesh",
     "ZeroOptimizer",

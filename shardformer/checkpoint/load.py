@@ -44,7 +44,7 @@ def _model_class(hf_config):
     for name in getattr(hf_config, "architectures", None) or []:
         if hasattr(transformers, name):
             return getattr(transformers, name)
-    return transformers.AutoModelForCausalLM
+    return transformers.AutoModelForCausalLM.from_config  # a config without architectures: a causal LM
 
 
 def _materialize(model: nn.Module, device: torch.device) -> dict[int, torch.Tensor]:
@@ -121,45 +121,62 @@ def _tied_key(model, name: str, reader: _Reader) -> str:
     raise ValueError(f"sf.load_pretrained: the checkpoint has no tensor for parameter {name}")
 
 
-def load_pretrained(path: str, config=None, policy=None, dtype: torch.dtype | None = None, device=None):
-    """Build the model of the HF checkpoint at `path` sharded by `config` (a `ShardConfig`), each
-    rank reading only its own slices (see module docstring). `dtype`: the parameters' dtype
-    (default: the checkpoint config's, else fp32); `device`: default this rank's GPU under NCCL,
-    else the CPU. Every rank must call it."""
-    from transformers import AutoConfig, GenerationConfig
-
+def sharded_on_meta(cls, hf_config, config, policy, dtype, what: str):
+    """`cls(hf_config)` built on the meta device and sharded by `config` (no memory)."""
     from ..api import shard_model
     from ..config import ShardConfig
-    from ..data_parallel import GradReducer
-    from ..mesh import device_type
 
     config = ShardConfig() if config is None else config
     if config.zero_stage == 3:
-        raise ValueError("sf.load_pretrained with ShardConfig.zero_stage=3 is not supported yet: load at zero_stage "
-                         "0-2 or shard_model(from_pretrained(...))")
-    if not os.path.isdir(path):
-        raise ValueError(f"sf.load_pretrained: {path!r} is not a checkpoint directory")
-    hf_config = AutoConfig.from_pretrained(path)
-    files = _weight_files(path)
-    cls = _model_class(hf_config)
+        raise ValueError(f"{what} with ShardConfig.zero_stage=3 is not supported yet: use zero_stage 0-2, or "
+                         "shard_model on a model built whole")
     with torch.device("meta"):
         model = cls(hf_config)
     if dtype is not None:
         model.to(dtype)
-    model = shard_model(model, policy, config)
+    return shard_model(model, policy, config)
+
+
+def materialize_sharded(model: nn.Module, device) -> None:
+    """Give a meta-built sharded model empty real parameters on `device` (default: this rank's GPU
+    under NCCL, else the CPU) and rebuild what held the meta ones (the reducer's hooks, the
+    pipeline's tied copy). Values are filled by the caller; then call `init_buffers`."""
+    from ..data_parallel import GradReducer
+    from ..mesh import device_type
+
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
     made = _materialize(model, torch.device(device))
     runner = model.sf_pipeline
     if runner is not None and runner.tied_param is not None:
         runner.tied_param = made.get(id(runner.tied_param), runner.tied_param)
-    reader = _Reader(files)
-    _fill(model, reader)
-    for module in model.modules():  # non-persistent buffers: the model's own initialisation
-        if getattr(module, "_non_persistent_buffers_set", None):
-            model._init_weights(module)
     model.sf_grad_reducer.remove()
     model.sf_grad_reducer = GradReducer(model, model.sf_groups)
+
+
+def init_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary frequencies) by the model's own initialisation."""
+    for module in model.modules():
+        if getattr(module, "_non_persistent_buffers_set", None):
+            model._init_weights(module)
+
+
+def load_pretrained(path: str, config=None, policy=None, dtype: torch.dtype | None = None, device=None):
+    """Build the model of the HF checkpoint at `path` sharded by `config` (a `ShardConfig`), each
+    rank reading only its own slices (see module docstring). `dtype`: the parameters' dtype
+    (default torch's default, fp32); `device`: default this rank's GPU under NCCL, else the CPU.
+    Every rank must call it."""
+    from transformers import AutoConfig, GenerationConfig
+
+    if not os.path.isdir(path):
+        raise ValueError(f"sf.load_pretrained: {path!r} is not a checkpoint directory")
+    hf_config = AutoConfig.from_pretrained(path)
+    files = _weight_files(path)
+    model = sharded_on_meta(_model_class(hf_config), hf_config, config, policy, dtype, "sf.load_pretrained")
+    materialize_sharded(model, device)
+    reader = _Reader(files)
+    _fill(model, reader)
+    init_buffers(model)
     model.sf_load_bytes = reader.bytes_read
     try:
         model.generation_config = GenerationConfig.from_pretrained(path)
