@@ -74,12 +74,7 @@ class ShardedModelMixin:
         self._validate_step(batch, "forward_backward")
         if self.sf_pipeline is not None:
             return self._pipeline_step(batch, train=True)
-        self.sf_batch_checked = True
-        try:
-            out = self(**batch)
-        finally:
-            self.sf_batch_checked = False
-        loss = out[0] if isinstance(out, tuple) else out.loss
+        loss = self._checked_loss(batch)
         if loss is None or loss.dim() != 0:
             raise ValueError(f"forward_backward: {type(self).__name__} returned no scalar loss for this batch")
         (loss * self.sf_zero.loss_scale if self.sf_zero is not None else loss).backward()
@@ -93,12 +88,16 @@ class ShardedModelMixin:
         self._validate_step(batch, "forward_loss")
         if self.sf_pipeline is not None:
             return self._pipeline_step(batch, train=False)
+        return self._dp_mean(self._checked_loss(batch))
+
+    def _checked_loss(self, batch):
+        """The model's loss on `batch`, whose check already ran (the call skips its own)."""
         self.sf_batch_checked = True
         try:
             out = self(**batch)
         finally:
             self.sf_batch_checked = False
-        return self._dp_mean(out[0] if isinstance(out, tuple) else out.loss)
+        return out[0] if isinstance(out, tuple) else out.loss
 
     def _validate_step(self, batch, what: str) -> None:
         error = None

@@ -53,3 +53,24 @@ def grad_errors(model, ref) -> dict[str, float]:
     group, ref_params = model.sf_mesh.get_group("tp"), dict(ref.named_parameters(remove_duplicate=False))
     return {name: rel_err(gather_full(p.grad, spec, group).float(), ref_params[name].grad.float())
             for name, p, spec in sharded_parameters(model)}
+
+
+class capture_logs:
+    """Context manager: the messages logged by the "shardformer" logger (INFO and up) inside it."""
+
+    def __enter__(self):
+        import logging
+
+        self.records, self.handler = [], logging.Handler()
+        self.handler.emit = self.records.append
+        self.logger = logging.getLogger("shardformer")
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+    @property
+    def messages(self) -> list[str]:
+        return [r.getMessage() for r in self.records]

@@ -13,7 +13,7 @@ import shardformer as sf
 from shardformer.kernels import FusedRMSNorm, FusedSwiGLUMLP
 from shardformer.sharding import sharded_parameters
 
-from .models import batch, build, grad_errors, rel_err
+from .models import batch, build, capture_logs, grad_errors, rel_err
 
 TOL = 1e-5
 # AdamW's first step is about lr * sign(g): with the default eps=1e-8 a gradient entry near 1e-8
@@ -369,18 +369,9 @@ def test_ulysses_refuses_generate(pools):
 
 def check_setup_log_line():
     """Rank 0 logs the layout at setup: mesh, substituted modules, attention path."""
-    import logging
-
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("shardformer").addHandler(handler)
-    logging.getLogger("shardformer").setLevel(logging.INFO)
-    try:
+    with capture_logs() as logs:
         sf.shard_model(build("llama"), config=sf.ShardConfig(sp_size=2, sp_mode="all_to_all"))
-    finally:
-        logging.getLogger("shardformer").removeHandler(handler)
-    return [r.getMessage() for r in records]
+    return logs.messages
 
 
 def test_setup_logs_the_layout(pools):

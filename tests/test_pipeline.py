@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import shardformer as sf
 
-from .models import batch, build, grad_errors, rel_err
+from .models import batch, build, capture_logs, grad_errors, rel_err
 from .test_equivalence import ADAMW, TOL
 
 CLIP = 0.05  # well below the gradient norm of these batches (~2-4): clipping is active
@@ -111,23 +111,14 @@ def test_pipeline_with_gradient_checkpointing(pools):
 def check_in_flight(schedule, microbatches):
     """The most microbatches whose activations each stage held at once during one step, and the
     setup log line (rank 0)."""
-    import logging
-
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("shardformer").addHandler(handler)
-    logging.getLogger("shardformer").setLevel(logging.INFO)
-    try:
+    with capture_logs() as logs:
         model = sf.shard_model(build("llama", num_hidden_layers=4),
                                config=sf.ShardConfig(pp_size=dist.get_world_size(), pp_schedule=schedule,
                                                      num_microbatches=microbatches))
-    finally:
-        logging.getLogger("shardformer").removeHandler(handler)
     ids, labels = batch(microbatches, seq=8)
     model.forward_backward(input_ids=ids, labels=labels)
     assert all(m.in_flight == 0 for m in model.sf_pipeline.modules)  # every activation released
-    return model.sf_pipeline.peak_in_flight(), [r.getMessage() for r in records]
+    return model.sf_pipeline.peak_in_flight(), logs.messages
 
 
 def test_activation_memory_1f1b_vs_gpipe(pools):

@@ -11,7 +11,7 @@ import shardformer as sf
 from shardformer.data_parallel import per_rank_bytes
 from shardformer.sharding import local
 
-from .models import batch, build, rel_err
+from .models import batch, build, capture_logs, rel_err
 from .test_equivalence import ADAMW, TOL
 
 CLIP = 0.05  # below these batches' gradient norms (~2-4): clipping acts on every step
@@ -80,19 +80,11 @@ def test_zero_layouts(pools, stage, kwargs):
 
 def check_memory(stage):
     """Bytes this rank holds after a backward (before the step's consumption) and after a step."""
-    import logging
-
     model = sf.shard_model(build("llama", num_hidden_layers=4), config=sf.ShardConfig(zero_stage=stage))
-    records, handler = [], logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("shardformer").addHandler(handler)
-    logging.getLogger("shardformer").setLevel(logging.INFO)
-    try:
+    with capture_logs() as logs:
         zero = sf.ZeroOptimizer(torch.optim.AdamW(model.parameters(), **ADAMW), model)
-    finally:
-        logging.getLogger("shardformer").removeHandler(handler)
     if stage < 3 and dist.get_rank() == 0:  # the setup line states the bytes per rank
-        line = records[0].getMessage()
+        line = logs.messages[0]
         assert f"stage {stage} over {dist.get_world_size()} data-parallel ranks" in line and "optimizer state" in line
     dp, mine = _rows(model, 2)
     ids, labels = batch(2 * dp, seq=12)
