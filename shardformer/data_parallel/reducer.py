@@ -12,8 +12,10 @@ to `.grad`, with or without `no_sync()`, with or without `zero_grad()` in betwee
     is the sum over sp and the mean over dp). A mean of identical values is the value, so
     averaging the accumulated `.grad` adds exactly the mean of the new part.
 Parameters are packed into buckets of about `bucket_mb` in reverse registration order (roughly
-the order gradients are produced); a bucket's all-reduce is launched asynchronously as soon as
-its last gradient has been accumulated, and an end-of-backward callback waits for all of them.
+the order gradients are produced); buckets are launched asynchronously in that order, each as
+soon as its own and every earlier bucket's gradients have been accumulated (the same collectives
+in the same order on every rank, also when a parameter is unused on some), and an
+end-of-backward callback launches the rest and waits for all of them.
 Under `no_sync()` gradients accumulate locally (dp), as with DDP.
 With ZeRO stage 2 (`scatter_to(sink)`) each bucket is reduce-scattered instead: every rank
 receives the mean of only its own piece of each parameter's flat gradient (the pieces of
@@ -62,6 +64,7 @@ class GradReducer:
         with `reduce_data=False`: ZeRO-3's FSDP reduces over dp itself)."""
         self.enabled = True
         self._queued = False
+        self._next = 0  # the next bucket to launch in this backward
         self._sink = None  # ZeRO-2: (param, this rank's reduced piece, had a gradient anywhere) -> None
         self._layout = None
         # buckets launched while backward was still running vs at its end (overlap evidence)
@@ -137,8 +140,13 @@ class GradReducer:
             self._queued = True
         bucket = self._bucket_of[param]
         bucket.ready += 1
-        if bucket.ready == len(bucket.params):
-            self._launch(bucket)
+        # buckets launch strictly in index order on every rank (as DDP's): a bucket whose last
+        # gradient arrives early waits for the ones before it, so that ranks where a parameter
+        # happens to be unused still issue the same collectives in the same order
+        while self._next < len(self.buckets) and \
+                self.buckets[self._next].ready == len(self.buckets[self._next].params):
+            self._launch(self.buckets[self._next])
+            self._next += 1
             self.launches["during_backward"] += 1
 
     def _launch(self, bucket: _Bucket):
@@ -161,10 +169,10 @@ class GradReducer:
 
     def _finish(self):
         """End of backward: launch buckets with unused parameters, wait, write the means back."""
-        for bucket in self.buckets:
-            if bucket.work is None:
-                self._launch(bucket)
-                self.launches["at_end"] += 1
+        for bucket in self.buckets[self._next:]:  # in index order, after those launched already
+            self._launch(bucket)
+            self.launches["at_end"] += 1
+        self._next = 0
         for bucket in self.buckets:
             bucket.work.wait()
             n = len(bucket.params)

@@ -58,6 +58,10 @@ class ShardLayout:
         return self.padded(flat, p)[self.slice_of(p, self.rank)]
 
 
+def held_params(optimizer) -> list:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def _probe_elementwise(optimizer) -> int:
     """Step a fresh optimizer of the same class and settings on one tensor whole and on two
     pieces of it; ValueError unless the results agree and its state is shaped like the
@@ -70,7 +74,7 @@ def _probe_elementwise(optimizer) -> int:
     b = [whole.reshape(-1)[:10].clone().requires_grad_(), whole.reshape(-1)[10:].clone().requires_grad_()]
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(q.kind is q.VAR_KEYWORD for q in params.values())
-    settings = {k: v for k, v in optimizer.defaults.items() if takes_any or k in params}
+    settings = {k: v for k, v in optimizer.defaults.items() if (takes_any or k in params) and k != "capturable"}
     try:
         opt_a, opt_b = cls([a], **settings), cls(b, **settings)
         for g in grads:
@@ -169,6 +173,9 @@ class ZeroOptimizer:
         if missing:
             raise ValueError(f"sf.ZeroOptimizer: model parameter {missing[0]} (and {len(missing) - 1} more) is not in "
                              "the optimizer; build it on model.parameters()")
+        if config.zero_stage == 3 and not all(hasattr(p, "to_local") for p in held_params(optimizer)):
+            raise ValueError("sf.ZeroOptimizer at stage 3: the optimizer holds unsharded tensors (was it built while "
+                             "FSDP held the parameters gathered, e.g. right after a forward without backward?)")
         fp16 = any(p.dtype == torch.float16 for p in model.parameters())
         if fp16 and (model.sf_pipeline is not None or config.zero_stage == 3):
             raise ValueError("fp16 loss scaling with ShardConfig.pp_size > 1 or ShardConfig.zero_stage=3 is not "
@@ -201,7 +208,7 @@ class ZeroOptimizer:
     def _gradient_piece(self, p):
         if self.stage == 2 and self.model.sf_grad_reducer.active:
             return self.pieces.get(id(p))
-        return None if p.grad is None else self.layout.piece(p.grad.reshape(-1), p).to(torch.float32)
+        return None if p.grad is None else self.layout.piece(p.grad.reshape(-1), p).to(torch.float32, copy=True)
 
     def _prepare(self) -> None:
         """Put this rank's gradient pieces on the masters (unscaled); fp16: agree on overflow."""
@@ -256,21 +263,25 @@ class ZeroOptimizer:
             return None
         self._prepare()
         self._prepared = False
-        if self.found_inf:
+        if self.found_inf:  # skipped: its gradients are dropped as a step's would be consumed
             self.scale /= 2.0
             self._good_steps = 0
             self.found_inf = False
+            self._drop_gradients()
             return None
         self.inner.step()
-        self.pieces.clear()  # a step consumes the gradient pieces (full gradients: zero_grad as usual)
-        for m in self.masters.values():
-            m.grad = None
+        self._drop_gradients()  # a step consumes the gradient pieces (full gradients: zero_grad as usual)
         if self.fp16:
             self._good_steps += 1
             if self._good_steps % self.growth_interval == 0:
                 self.scale *= 2.0
         self._gather_parameters()
         return None
+
+    def _drop_gradients(self) -> None:
+        self.pieces.clear()
+        for m in self.masters.values():
+            m.grad = None
 
     def _gather_parameters(self) -> None:
         """All-gather each bucket of updated pieces into the parameters (cast to their dtype)."""

@@ -44,7 +44,9 @@ def apply_zero3(model: nn.Module, layers: nn.ModuleList, groups, cpu_offload: bo
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for layer in layers:
         fully_shard(layer, mesh=mesh, offload_policy=offload)
-    fully_shard(model, mesh=mesh, offload_policy=offload)
+    # the root too is resharded after each forward: a forward without backward (evaluation,
+    # generate) must not leave the embedding / head gathered for an optimizer built after it
+    fully_shard(model, mesh=mesh, offload_policy=offload, reshard_after_forward=True)
 
 
 @contextlib.contextmanager
