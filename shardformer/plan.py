@@ -54,3 +54,11 @@ def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) 
         starts = [pp.layer_range(s).start for s in range(pp.stages)]
         sp.stage_starts, sp.stage_ends = set(starts), {start - 1 for start in starts[1:]}
     return LayoutPlan(config, policy, dp, tp, kernels, sp, pp)
+
+
+if __name__ == "__main__":  # python -m shardformer.plan: the memory planner (planner.py)
+    import sys
+
+    from shardformer.planner import main
+
+    sys.exit(main())
