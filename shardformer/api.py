@@ -169,8 +169,8 @@ class ShardedModelMixin:
         With ZeRO the gradients are the optimizer's pieces: `sf.ZeroOptimizer.clip_grad_norm_`."""
         if self.sf_zero is not None and self.sf_config.zero_stage in (1, 2):
             return self.sf_zero.clip_grad_norm_(max_norm, norm_type)
-        if self.sf_config.zero_stage == 3:  # FSDP's gradient shards are disjoint over dp
-            return clip_grad_norm_(self, max_norm, self.sf_groups.size("sp"), norm_type)
+        if self.sf_config.zero_stage == 3:  # FSDP's gradient shards are disjoint over dp (x sp)
+            return clip_grad_norm_(self, max_norm, 1, norm_type)
         return clip_grad_norm_(self, max_norm, self.sf_groups.data_size, norm_type)
 
     def no_sync(self):

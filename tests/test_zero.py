@@ -71,6 +71,8 @@ def test_zero_matches_adamw(pools, stage, dp):
     (1, dict(accumulate=2)),
     (2, dict(offload=True)),
     (3, dict(tp=2)),                                   # tp2 x dp2, FSDP2 over dp
+    (3, dict(sp=2, sp_mode="all_to_all")),             # sp2 x dp2, FSDP2 over dp x sp
+    (3, dict(sp=2, sp_mode="ring")),
     (3, dict(offload=True)),
     (3, dict(accumulate=2)),
 ])
@@ -309,7 +311,7 @@ def test_bad_zero_input_raises_on_every_rank(pools):
 def check_stage_3_refusals():
     """Layouts stage 3 does not support are ValueErrors at setup naming the fields (4 ranks)."""
     cases = [(dict(zero_stage=3, pp_size=2), "ShardConfig.pp_size=2"),
-             (dict(zero_stage=3, sp_size=2, sp_mode="all_to_all"), "ShardConfig.sp_mode='all_to_all'"),
+             (dict(zero_stage=3, tp_size=2, sp_mode="split_gather"), "ShardConfig.sp_mode='split_gather'"),
              (dict(zero_stage=3, tp_size=4), "model.config.num_key_value_heads")]
     for kwargs, fragment in cases:
         with pytest.raises(ValueError, match="ShardConfig.zero_stage=3") as raised:

@@ -3,7 +3,8 @@
 `apply_zero3` calls `torch.distributed.fsdp.fully_shard` on every decoder layer (one unit each:
 its parameters are all-gathered for its forward and again for its backward, and freed after)
 and then on the whole model (the embedding, final norm and LM head, tied or not, in one root
-unit), over the dp axis of the mesh. Tensor parallelism is applied first, so FSDP shards each
+unit), over the dp axis of the mesh (dp x sp, flattened, with all_to_all or ring sequence
+parallelism: those ranks hold the same weights and their gradients are averaged together). Tensor parallelism is applied first, so FSDP shards each
 rank's tensor-parallel piece (a plain tensor) along its first dimension: the mesh is dp x tp with
 FSDP on dp and shardformer's own collectives on tp. FSDP2 reduce-scatters gradients (their mean
 over dp) during backward; parameters and gradients are DTensors over dp, which the optimizer,
@@ -11,9 +12,9 @@ over dp) during backward; parameters and gradients are DTensors over dp, which t
 `full_tensor()`, then over tp) handle. `ShardConfig.cpu_offload` keeps the shards, gradients
 and optimizer step in CPU memory (FSDP2's `CPUOffloadPolicy`).
 
-Refused at setup (ValueError): pipeline parallelism, sequence parallelism and parameters whose
-gradient is partial over tp (KV heads replicated when tp exceeds them): their extra gradient sums
-are not wired into FSDP's reduction yet.
+Refused at setup (ValueError): pipeline parallelism, and parameters whose gradient is partial
+over tp (KV heads replicated when tp exceeds them, split_gather's norm weights): their extra
+gradient sums are not wired into FSDP's reduction yet.
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ def plan_zero3(config, tp_plan) -> None:
     if config.pp_size > 1:
         raise ValueError(f"ShardConfig.zero_stage=3 with ShardConfig.pp_size={config.pp_size} is not supported: use "
                          "zero_stage 1 or 2 with pipelines")
-    if config.sp_mode is not None:
-        raise ValueError(f"ShardConfig.zero_stage=3 with ShardConfig.sp_mode={config.sp_mode!r} is not supported yet: "
-                         "use zero_stage 1 or 2 with sequence parallelism")
+    if config.sp_mode == "split_gather":
+        raise ValueError("ShardConfig.zero_stage=3 with ShardConfig.sp_mode='split_gather' is not supported yet (its "
+                         "norm weights' gradients are partial over tp): use all_to_all or ring, or zero_stage 1 or 2")
     if tp_plan.block_sizes:
         raise ValueError(f"ShardConfig.zero_stage=3 with ShardConfig.tp_size={config.tp_size} larger than the model's "
                          "KV heads (model.config.num_key_value_heads; they are replicated) is not supported yet")
@@ -41,6 +42,8 @@ def apply_zero3(model: nn.Module, layers: nn.ModuleList, groups, cpu_offload: bo
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = groups.mesh["dp"]
+    if groups.size("sp") > 1:  # sequence parallelism: shard and average over dp x sp (the data group)
+        mesh = groups.mesh["dp", "sp"]._flatten("dp_sp")
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for layer in layers:
         fully_shard(layer, mesh=mesh, offload_policy=offload)
