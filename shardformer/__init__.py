@@ -2,7 +2,8 @@
 Hugging Face transformers models. See README.md and DESIGN.md."""
 from . import pipeline, policies
 from .api import shard_model
-from .checkpoint import full_state_dict, init_model, load_pretrained, save_pretrained
+from .checkpoint import (full_state_dict, init_model, load_checkpoint, load_pretrained, save_checkpoint,
+                         save_pretrained)
 from .config import ShardConfig
 from .data_parallel import ZeroOptimizer
 from .mesh import build_mesh
@@ -14,6 +15,8 @@ __all__ = [
     "save_pretrained",
     "load_pretrained",
     "init_model",
+    "save_checkpoint",
+    "load_checkpoint",
     "full_state_dict",
     "build_mesh",
     "ZeroOptimizer",
