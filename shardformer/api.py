@@ -34,7 +34,6 @@ from .fusion import apply_fused_kernels
 from .grad_clip import clip_grad_norm_
 from .mesh import build_groups, build_mesh, require_process_group
 from .pipeline import apply_pipeline
-from .plan import LayoutPlan, plan_layout
 from .sequence_parallel import SequenceCalls, apply_split_gather, apply_ulysses, gather_hidden_hook
 from .tensor_parallel import accepts_return_dict, apply_tensor_parallel, run_forward
 
@@ -221,8 +220,9 @@ def _own_config(model) -> None:
             module.config = own
 
 
-def _apply(model, plan: LayoutPlan, groups) -> None:
-    """Apply every planned parallelism in the fixed order (local: no collective)."""
+def _apply(model, plan, groups) -> None:
+    """Apply every planned parallelism of `plan` (a `plan.LayoutPlan`) in the fixed order (local:
+    no collective)."""
     config, policy = plan.config, plan.policy
     if config.enable_fused_kernels:
         apply_fused_kernels(model, policy, plan.kernels, list(plan.tp.attention_attrs),
@@ -277,6 +277,8 @@ def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None 
     failure on any rank raises on every rank (the only collective before the error is the
     agreement on it).
     """
+    from .plan import plan_layout  # here, not at import: `python -m shardformer.plan` runs that module as main
+
     world = require_process_group()
     error, plan = None, None
     try:

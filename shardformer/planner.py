@@ -98,6 +98,10 @@ def _local_parameters(hf_config, layout, world: int, rank: int) -> tuple[list[to
         return list({id(p): p for p in model.parameters()}.values()), held
     finally:
         dist.destroy_process_group()
+        from . import mesh  # its memos of groups belong to the world just destroyed
+
+        mesh._MESHES.clear()
+        mesh._SUBGROUPS.clear()
 
 
 def stage_memory(hf_config, layout, world: int, batch: int, seq: int, dtype_bytes: int = 2) -> list[StageMemory]:

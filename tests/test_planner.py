@@ -63,7 +63,11 @@ def test_planner_command_line():
     run = subprocess.run([sys.executable, "-m", "shardformer.plan", "-c", "13b", "--gpus", "8", "--tp", "4",
                           "--pp", "2", "--zero", "1", "-b", "8", "-l", "1024", "--gpu-memory", "80GB"],
                          capture_output=True, text=True, timeout=120, env=env)
-    assert run.returncode == 0 and "fits" in run.stdout, run.stdout + run.stderr
+    assert run.returncode == 0 and "fits" in run.stdout and "Warning" not in run.stderr, run.stdout + run.stderr
+    found = subprocess.run([sys.executable, "-m", "shardformer.plan", "-c", "7b", "--gpus", "8", "--search",
+                            "--gpu-memory", "40GB"], capture_output=True, text=True, timeout=300, env=env)
+    assert found.returncode == 0 and "layouts of 8 GPUs that fit 40GB" in found.stdout, found.stdout + found.stderr
+    assert len(found.stdout.strip().splitlines()) >= 2  # at least one layout listed
     bad = subprocess.run([sys.executable, "-m", "shardformer.plan", "-c", "nonexistent-config-name"],
                          capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "-c/--config 'nonexistent-config-name'" in bad.stderr
