@@ -3,11 +3,11 @@
 `apply_zero3` calls `torch.distributed.fsdp.fully_shard` on every decoder layer (one unit each:
 its parameters are all-gathered for its forward and again for its backward, and freed after)
 and then on the whole model (the embedding, final norm and LM head, tied or not, in one root
-unit), over the dp axis of the mesh (dp x sp, flattened, with all_to_all or ring sequence
-parallelism: those ranks hold the same weights and their gradients are averaged together). Tensor parallelism is applied first, so FSDP shards each
-rank's tensor-parallel piece (a plain tensor) along its first dimension: the mesh is dp x tp with
-FSDP on dp and shardformer's own collectives on tp. FSDP2 reduce-scatters gradients (their mean
-over dp) during backward; parameters and gradients are DTensors over dp, which the optimizer,
+unit), over the dp axis of the mesh (dp x sp flattened, with all_to_all or ring sequence
+parallelism: those ranks hold the same weights and their gradients are averaged together).
+Tensor parallelism is applied first, so FSDP shards each rank's tensor-parallel piece (a plain
+tensor) along its first dimension: FSDP runs on dp and shardformer's own collectives on tp.
+FSDP2 reduce-scatters gradients (their mean over dp) during backward; parameters and gradients are DTensors over dp, which the optimizer,
 `clip_grad_norm_` (this rank's shards count once) and `full_state_dict` (gathered with
 `full_tensor()`, then over tp) handle. `ShardConfig.cpu_offload` keeps the shards, gradients
 and optimizer step in CPU memory (FSDP2's `CPUOffloadPolicy`).
