@@ -140,6 +140,10 @@ class ShardedModelMixin:
             self.sf_sequence_calls.validate(batch)
         if self.sf_pipeline is not None:
             self.sf_pipeline.check_batch(batch)
+        late = self.sf_grad_reducer.uncovered(self) if self.sf_config.zero_stage != 3 else []
+        if late:
+            raise ValueError(f"parameter {late[0]} (and {len(late) - 1} more) was made trainable after shard_model: "
+                             "its gradient would not be reduced across ranks; set requires_grad before sharding")
         if self.sf_config.zero_stage in (1, 2) and self.sf_zero is None:
             raise ValueError(f"ShardConfig.zero_stage={self.sf_config.zero_stage}: wrap the optimizer with "
                              "sf.ZeroOptimizer(optimizer, model) before training")

@@ -119,3 +119,22 @@ def test_save_pretrained_from_every_layout(pools, layout):
     directory loads with plain from_pretrained and holds exactly the trained weights."""
     with tempfile.TemporaryDirectory() as d:
         pools(4).run(check_save_from_layout, layout, os.path.join(d, "out"))
+
+
+def check_unfrozen_after_sharding():
+    """A parameter frozen at shard_model and unfrozen later has no reduction hooks: forward_backward
+    refuses it on every rank (only rank 0 unfreezes) instead of letting the replicas drift apart."""
+    model = build("llama")
+    model.model.norm.weight.requires_grad_(False)
+    model = sf.shard_model(model, config=sf.ShardConfig())
+    if dist.get_rank() == 0:
+        model.model.norm.weight.requires_grad_(True)
+    ids, labels = batch(2)
+    with pytest.raises(ValueError, match="made trainable after shard_model") as raised:
+        model.forward_backward(input_ids=ids, labels=labels)
+    assert dist.get_rank() == 0 or "rank 0" in str(raised.value)
+    return True
+
+
+def test_parameter_unfrozen_after_sharding_is_refused(pools):
+    assert pools(2).run(check_unfrozen_after_sharding) == [True, True]

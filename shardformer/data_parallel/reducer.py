@@ -72,6 +72,7 @@ class GradReducer:
         dp = groups.data_size if reduce_data else 1  # dp x sp
         by_dtype: dict = {}
         self._handles = []
+        self.trainable = {id(p) for p in model.parameters() if p.requires_grad}  # what the hooks cover
         for _, param, spec in reversed(list(sharded_parameters(model))):
             if not param.requires_grad:
                 continue
@@ -95,6 +96,11 @@ class GradReducer:
                 self._add_bucket(current, group, dp)
         self._handles += [p.register_post_accumulate_grad_hook(self._on_grad)
                           for bucket in self.buckets for p in bucket.params]
+
+    def uncovered(self, model: torch.nn.Module) -> list[str]:
+        """Names of parameters made trainable after this reducer was built (they would be neither
+        reduced nor summed: `forward_backward` refuses them)."""
+        return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in self.trainable]
 
     def scatter_to(self, layout, sink) -> None:
         """Reduce-scatter from now on: `layout.piece(param)` says which flat slice of each
