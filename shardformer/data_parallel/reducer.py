@@ -164,8 +164,9 @@ class GradReducer:
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket.params]
         if self._sink is not None:  # ZeRO-2: rank r's segment = its piece of every parameter + the flags
             layout = self._layout
-            segments = [torch.cat([layout.padded(g, p)[layout.slice_of(p, r)] for g, p in zip(grads, bucket.params)]
-                                  + [flags]) for r in range(layout.size)]
+            padded = [layout.padded(g, p) for g, p in zip(grads, bucket.params)]  # once per parameter
+            segments = [torch.cat([g[layout.slice_of(p, r)] for g, p in zip(padded, bucket.params)] + [flags])
+                        for r in range(layout.size)]
             bucket.flat = torch.empty_like(segments[0])
             bucket.work = dist.reduce_scatter_tensor(bucket.flat, torch.cat(segments), group=bucket.group,
                                                      async_op=True)

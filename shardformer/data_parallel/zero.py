@@ -59,6 +59,7 @@ class ShardLayout:
 
 
 def held_params(optimizer) -> list:
+    """Every tensor the optimizer steps, in its groups' order."""
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
@@ -130,7 +131,7 @@ class ZeroOptimizer:
         self.cpu_offload, self.bucket_bytes = cpu_offload, int(bucket_size_mb * 2 ** 20)
         self.overlap_communication = overlap_communication
         self.layout = ShardLayout(model.sf_groups.data)
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.params = held_params(optimizer)
         device = torch.device("cpu") if cpu_offload else None
         self.masters = {}
         for group in optimizer.param_groups:
@@ -163,9 +164,10 @@ class ZeroOptimizer:
                              f"ShardConfig.zero_stage={config.zero_stage}")
         if optimizer.state:
             raise ValueError("sf.ZeroOptimizer must wrap the optimizer before its first step (it has state)")
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = held_params(optimizer)
+        held = {id(p) for p in params}
         names = {id(p): n for n, p in model.named_parameters()}
-        foreign = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in names]
+        foreign = [p for p in params if id(p) not in names]
         if foreign:
             raise ValueError(f"sf.ZeroOptimizer: the optimizer holds {len(foreign)} tensor(s) that are not "
                              f"parameters of this model (was it built on another model's parameters?)")
@@ -173,7 +175,7 @@ class ZeroOptimizer:
         if missing:
             raise ValueError(f"sf.ZeroOptimizer: model parameter {missing[0]} (and {len(missing) - 1} more) is not in "
                              "the optimizer; build it on model.parameters()")
-        if config.zero_stage == 3 and not all(hasattr(p, "to_local") for p in held_params(optimizer)):
+        if config.zero_stage == 3 and not all(hasattr(p, "to_local") for p in params):
             raise ValueError("sf.ZeroOptimizer at stage 3: the optimizer holds unsharded tensors (was it built while "
                              "FSDP held the parameters gathered, e.g. right after a forward without backward?)")
         fp16 = any(p.dtype == torch.float16 for p in model.parameters())
