@@ -5,8 +5,11 @@ filled from its full tensor, generated one tensor at a time from a generator see
 parameter name) with the family's initialisation rule (HF's: normal(0, initializer_range) for
 linear and embedding weights, the embedding's padding row zero, ones for norm weights, zeros
 for biases; a tied LM head is the embedding, also on a pipeline stage that holds only the head)
-and cut to this rank's piece. So the same seed gives the same full weights whatever the layout,
-and no rank ever holds more than its shard plus one full tensor.
+and cut to this rank's piece: its tensor-parallel piece (`split_tensor`) and, with
+`ShardConfig(zero_stage=3)`, that piece's dp (or dp x sp) chunk along its first dimension,
+written into the FSDP2 parameter's `to_local()` (`zero3.local_region`; the model is
+materialised with FSDP2's `to_empty`). So the same seed gives the same full weights whatever
+the layout, and no rank ever holds more than its shard plus one full tensor.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..sharding import sharded_parameters, split_tensor
+from ..data_parallel.zero3 import local_region
+from ..sharding import local, sharded_parameters, split_tensor
 from .load import init_buffers, materialize_sharded, sharded_on_meta
 
 
@@ -59,7 +63,7 @@ def init_model(hf_config, config=None, policy=None, seed: int = 0, dtype: torch.
     (see module docstring). Every rank must call it with the same arguments."""
     from .load import _model_class
 
-    model = sharded_on_meta(_model_class(hf_config), hf_config, config, policy, dtype, "sf.init_model")
+    model = sharded_on_meta(_model_class(hf_config), hf_config, config, policy, dtype)
     materialize_sharded(model, device)
     owners = _owners(model)
     std = getattr(hf_config, "initializer_range", 0.02)
@@ -77,7 +81,9 @@ def init_model(hf_config, config=None, policy=None, seed: int = 0, dtype: torch.
                 full[hf_config.pad_token_id] = 0
         else:
             full = _full_value(module, attr, shape, std, _generator(seed, name))
-        param.copy_(split_tensor(full, spec, tp_rank))
+        piece = split_tensor(full, spec, tp_rank)  # this rank's tensor-parallel piece
+        held = tuple(slice(start, start + n) for start, n in local_region(param))  # ZeRO-3: its dp chunk
+        local(param).copy_(piece[held])
     init_buffers(model)
     dist.barrier()
     return model

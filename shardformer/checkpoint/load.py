@@ -5,9 +5,13 @@ and pipeline parallelism see only shapes), then materialised empty on the device
 parameter (tied parameters stay one tensor), and each local parameter is filled from the
 safetensors files with `safe_open(...).get_slice`: a tensor-parallel piece reads only its rows
 or columns (`ShardSpec.start` / `valid`; vocabulary padding stays zero), a pipeline rank only
-its stages' tensors. So a rank's host memory while loading is its shard plus at most one
-tensor's slice. Non-persistent buffers (rotary frequencies) are recomputed by the model's own
-`_init_weights`; the gradient reducer is rebuilt on the real parameters.
+its stages' tensors. With `ShardConfig(zero_stage=3)` FSDP2 shards the meta model too; it is
+materialised with FSDP2's `to_empty` (parameter objects and ties kept) and each parameter's
+`to_local()` reads only its block: the dp (or dp x sp) chunk of the tensor-parallel piece's
+first dimension (`zero3.local_region`), crossed with the piece's rows or columns. So a rank's
+host memory while loading is its shard plus at most one tensor's slice. Non-persistent buffers
+(rotary frequencies) are recomputed by the model's own `_init_weights`; the gradient reducer is
+rebuilt on the real parameters (at ZeRO-3 without dp buckets: FSDP2 reduces over dp).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..sharding import sharded_parameters
+from ..sharding import local, sharded_parameters
 
 _WEIGHTS, _INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -79,16 +83,34 @@ class _Reader:
             self._open[file] = self._safe_open(file, framework="pt")
         return self._open[file]
 
-    def read(self, key: str, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
+    def read(self, key: str, region: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Tensor `key`, or only its block at (start, length) per dimension."""
         part = self._handle(self.files[key]).get_slice(key)
-        if dim is None:
+        if region is None or [(0, size) for size in part.get_shape()] == list(region):
             tensor = part[:]
         else:
-            index = [slice(None)] * len(part.get_shape())
-            index[dim] = slice(start, start + length)
-            tensor = part[tuple(index)]
+            tensor = part[_index(region)]
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+
+def _piece_region(param: torch.Tensor, spec, tp_rank: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Where this rank's values of `param` come from: (the local tensor to write, (start, length)
+    per dimension of the unsharded tensor). The values land at the start of each dimension of
+    the local tensor; what lies beyond `length` is vocabulary padding (zero). The local tensor is
+    the parameter itself, or at ZeRO-3 its `to_local()` (this rank's dp chunk of the
+    tensor-parallel piece, `zero3.local_region`)."""
+    from ..data_parallel.zero3 import local_region
+
+    region = local_region(param)  # in the tensor-parallel piece
+    if spec.split:  # piece index i is unsharded index spec.start + i, real below spec.valid
+        first, length = region[spec.dim]
+        region[spec.dim] = (spec.start(tp_rank) + first, max(0, min(first + length, spec.valid(tp_rank)) - first))
+    return local(param), region
+
+
+def _index(region) -> tuple[slice, ...]:
+    return tuple(slice(start, start + length) for start, length in region)
 
 
 @torch.no_grad()
@@ -96,13 +118,12 @@ def _fill(model: nn.Module, reader: _Reader) -> None:
     tp_rank = model.sf_mesh.get_local_rank("tp")
     for name, param, spec in sharded_parameters(model):
         key = name if name in reader.files else _tied_key(model, name, reader)
-        if not spec.split:
-            param.copy_(reader.read(key))
-            continue
-        start, valid = spec.start(tp_rank), spec.valid(tp_rank)
-        param.zero_()
-        if valid:
-            param.narrow(spec.dim, 0, valid).copy_(reader.read(key, spec.dim, start, valid))
+        target, region = _piece_region(param, spec, tp_rank)
+        lengths = [length for _, length in region]
+        if lengths != list(target.shape):
+            target.zero_()  # vocabulary padding
+        if all(lengths):
+            target[_index((0, length) for length in lengths)].copy_(reader.read(key, region))
     for name, buffer in model.named_buffers():
         if name in reader.files:
             buffer.copy_(reader.read(name))
@@ -121,15 +142,13 @@ def _tied_key(model, name: str, reader: _Reader) -> str:
     raise ValueError(f"sf.load_pretrained: the checkpoint has no tensor for parameter {name}")
 
 
-def sharded_on_meta(cls, hf_config, config, policy, dtype, what: str):
-    """`cls(hf_config)` built on the meta device and sharded by `config` (no memory)."""
+def sharded_on_meta(cls, hf_config, config, policy, dtype):
+    """`cls(hf_config)` built on the meta device and sharded by `config` (no memory; at ZeRO-3
+    FSDP2's `fully_shard` too accepts meta modules)."""
     from ..api import shard_model
     from ..config import ShardConfig
 
     config = ShardConfig() if config is None else config
-    if config.zero_stage == 3:
-        raise ValueError(f"{what} with ShardConfig.zero_stage=3 is not supported yet: use zero_stage 0-2, or "
-                         "shard_model on a model built whole")
     with torch.device("meta"):
         model = cls(hf_config)
     if dtype is not None:
@@ -139,19 +158,32 @@ def sharded_on_meta(cls, hf_config, config, policy, dtype, what: str):
 
 def materialize_sharded(model: nn.Module, device) -> None:
     """Give a meta-built sharded model empty real parameters on `device` (default: this rank's GPU
-    under NCCL, else the CPU) and rebuild what held the meta ones (the reducer's hooks, the
-    pipeline's tied copy). Values are filled by the caller; then call `init_buffers`."""
+    under NCCL, else the CPU; the CPU with ZeRO-3's `cpu_offload`) and rebuild what held the meta
+    ones (the reducer's hooks, the pipeline's tied copy). Values are filled by the caller; then
+    call `init_buffers`. At ZeRO-3 FSDP2 owns the parameters (DTensors over dp): the model is
+    materialised by FSDP2's documented `to_empty`, which keeps every parameter object (ties
+    included) and re-pads FSDP's own shard storage."""
     from ..data_parallel import GradReducer
     from ..mesh import device_type
 
+    stage3 = model.sf_config.zero_stage == 3
+    if stage3 and model.sf_config.cpu_offload:
+        device = torch.device("cpu")  # FSDP2's CPUOffloadPolicy wants the shards there
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
-    made = _materialize(model, torch.device(device))
+    if stage3:
+        model.to_empty(device=torch.device(device))
+        made = {}
+    else:
+        made = _materialize(model, torch.device(device))
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise RuntimeError(f"materialize_sharded left {len(meta)} tensors on the meta device, e.g. {meta[0]}")
     runner = model.sf_pipeline
     if runner is not None and runner.tied_param is not None:
         runner.tied_param = made.get(id(runner.tied_param), runner.tied_param)
     model.sf_grad_reducer.remove()
-    model.sf_grad_reducer = GradReducer(model, model.sf_groups)
+    model.sf_grad_reducer = GradReducer(model, model.sf_groups, reduce_data=not stage3)
 
 
 def init_buffers(model: nn.Module) -> None:
@@ -172,7 +204,7 @@ def load_pretrained(path: str, config=None, policy=None, dtype: torch.dtype | No
         raise ValueError(f"sf.load_pretrained: {path!r} is not a checkpoint directory")
     hf_config = AutoConfig.from_pretrained(path)
     files = _weight_files(path)
-    model = sharded_on_meta(_model_class(hf_config), hf_config, config, policy, dtype, "sf.load_pretrained")
+    model = sharded_on_meta(_model_class(hf_config), hf_config, config, policy, dtype)
     materialize_sharded(model, device)
     reader = _Reader(files)
     _fill(model, reader)

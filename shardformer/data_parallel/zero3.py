@@ -12,6 +12,13 @@ FSDP2 reduce-scatters gradients (their mean over dp) during backward; parameters
 `full_tensor()`, then over tp) handle. `ShardConfig.cpu_offload` keeps the shards, gradients
 and optimizer step in CPU memory (FSDP2's `CPUOffloadPolicy`).
 
+A model built on the meta device (`sf.load_pretrained`, `sf.init_model`) is sharded the same
+way (FSDP2 accepts meta modules), then materialised with `module.to_empty(device=...)`, FSDP2's
+documented way (it keeps every parameter object, ties included, and re-pads FSDP's shard
+storage), and filled through `local_region`: which rows of the tensor-parallel piece this rank
+holds (FSDP2's `Shard(0)`: `torch.chunk` semantics, ceil(rows / dp) rows per rank, the last
+ranks fewer or none).
+
 Refused at setup (ValueError): pipeline parallelism, and parameters whose gradient is partial
 over tp (KV heads replicated when tp exceeds them, split_gather's norm weights): their extra
 gradient sums are not wired into FSDP's reduction yet.
@@ -35,6 +42,31 @@ def plan_zero3(config, tp_plan) -> None:
     if tp_plan.block_sizes:
         raise ValueError(f"ShardConfig.zero_stage=3 with ShardConfig.tp_size={config.tp_size} larger than the model's "
                          "KV heads (model.config.num_key_value_heads; they are replicated) is not supported yet")
+
+
+def local_region(tensor: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) per dimension of the part of `tensor` this rank holds: the whole tensor
+    for a plain tensor; for a DTensor (ZeRO-3's parameters) the region of its global shape (the
+    tensor-parallel piece) that `to_local()` holds, each `Shard(d)` placement cutting dimension d
+    with `torch.chunk` semantics (as DTensor and FSDP2 do). Collective-free."""
+    from torch.distributed.tensor import DTensor
+
+    region = [(0, size) for size in tensor.shape]
+    if not isinstance(tensor, DTensor):
+        return region
+    mesh, coordinate = tensor.device_mesh, tensor.device_mesh.get_coordinate()
+    for axis, placement in enumerate(tensor.placements):
+        if placement.is_shard():
+            dim = placement.dim % tensor.dim()
+            start, length = region[dim]
+            size = -(-length // mesh.size(axis))  # torch.chunk: ceil, the last chunks shorter or empty
+            first = min(coordinate[axis] * size, length)
+            region[dim] = (start + first, min(size, length - first))
+    held = tuple(tensor.to_local().shape)
+    if tuple(length for _, length in region) != held:  # a placement this function does not model
+        raise ValueError(f"ZeRO-3: a parameter of shape {tuple(tensor.shape)} placed {tensor.placements} holds "
+                         f"{held} on this rank, not the chunk {region} expected")
+    return region
 
 
 def apply_zero3(model: nn.Module, layers: nn.ModuleList, groups, cpu_offload: bool) -> None:
