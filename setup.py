@@ -33,6 +33,7 @@ setup(
     packages=packages,
     package_dir={"shardformer.policies": "policies"},
     install_requires=["torch>=2.11", "transformers>=5.17", "safetensors", "accelerate"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "datasets", "matplotlib"],  # the suite runs the pretraining job
+                    "pretrain": ["datasets", "matplotlib"]},  # examples/pretrain.py (tokenizers, tqdm: via transformers)
     **kwargs,
 )

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 
-def count_flops(config: LlamaConfig, seq: int) -> dict:
+def count_flops(config, seq: int) -> dict:
     """FLOPs per token = 6 N + 12 L H S (the module docstring says what N counts)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     unique = {id(p): p.numel() for p in model.parameters()}  # a tied matrix once
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embedding
