@@ -138,3 +138,55 @@ def check_unfrozen_after_sharding():
 
 def test_parameter_unfrozen_after_sharding_is_refused(pools):
     assert pools(2).run(check_unfrozen_after_sharding) == [True, True]
+
+
+def check_max_shard_size(layout, path, limit):
+    """Files of at most `limit` bytes (or one tensor), HF's names and index, the trained weights;
+    a writer never holds more than `limit` plus one tensor."""
+    from safetensors import safe_open
+
+    from shardformer.checkpoint import save as save_module
+
+    ref = build("llama", tied=True)
+    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(**layout))
+    full = sf.full_state_dict(model)
+    held = [None] * dist.get_world_size()
+    dist.all_gather_object(held, full)
+    merged = {k: v for part in held for k, v in part.items()}
+    peak = [0]
+    add = save_module._ShardWriter.add
+
+    def counting_add(self, name, tensor):
+        add(self, name, tensor)
+        peak[0] = max(peak[0], self.size)
+
+    save_module._ShardWriter.add = counting_add
+    try:
+        sf.save_pretrained(model, path, max_shard_size=limit)
+    finally:
+        save_module._ShardWriter.add = add
+    dist.barrier()
+    largest = max(v.numel() * v.element_size() for v in merged.values())
+    assert peak[0] <= limit + largest, (peak[0], limit, largest)
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    assert len(files) > 2 and files == [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+        total = sum(torch.Size(s).numel() * 4 for s in sizes)
+        assert total <= limit or len(sizes) == 1, (name, total)
+    loaded = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    assert set(loaded) == set(ref.state_dict())
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, merged[name]), name
+    dist.barrier()
+    return len(files)
+
+
+@pytest.mark.parametrize("layout", [dict(tp_size=2), dict(pp_size=2, tp_size=2), dict(zero_stage=3, tp_size=2)])
+def test_save_pretrained_max_shard_size(pools, layout):
+    """`max_shard_size` from a tp, a pipeline and a ZeRO-3 layout: several files, each within the
+    limit, one index, loads with plain from_pretrained."""
+    with tempfile.TemporaryDirectory() as d:
+        counts = pools(4).run(check_max_shard_size, layout, os.path.join(d, "out"), 60_000)
+        print(f"\n{layout}: {counts[0]} files of at most 60000 B")
