@@ -20,7 +20,7 @@ PRESET_DEFAULTS = {  # sequence length, batch per data-parallel rank, peak learn
 LARGE_DEFAULTS = dict(seq_len=2048, batch_size=8, lr=3e-4, vocab_size=32000, steps=5000)
 # --plugin: the reference recipe's names; explicit --tp/--pp/--sp/--zero override them
 PLUGINS = {
-    "tp": dict(zero=0),                       # tensor parallel over the processes of one node (the default)
+    "tp": dict(zero=0),                       # tensor parallel over one node's processes (/ pp x sp): the default
     "ddp": dict(tp=1, pp=1, zero=0),          # plain data parallel
     "zero2": dict(tp=1, pp=1, zero=2),        # data parallel, gradients and optimizer state sharded
     "gemini": dict(tp=1, pp=1, zero=3, offload=True),  # weights sharded too, offloaded to CPU memory
@@ -114,10 +114,10 @@ def layout(args, world: int, nproc: int) -> dict:
     """ShardConfig keyword arguments from --plugin and the explicit flags; UsageError when they do
     not fit the world."""
     plugin = PLUGINS[args.plugin]
-    tp = args.tp if args.tp is not None else plugin.get("tp", nproc)
     pp = args.pp if args.pp is not None else plugin.get("pp", 1)
     zero = args.zero if args.zero is not None else plugin["zero"]
     sp = args.sp if args.sp is not None else 1
+    tp = args.tp if args.tp is not None else plugin.get("tp", max(1, nproc // (pp * sp)))  # tp: what one node has left
     mode = args.sp_mode or ("all_to_all" if sp > 1 else None)
     if mode == "split_gather" and sp != 1:
         raise UsageError(f"--sp {sp} with --sp-mode split_gather: split_gather runs on the tp group; leave --sp out")

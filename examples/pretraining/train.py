@@ -68,9 +68,14 @@ def attention_implementation(args) -> str:
 
 def build_model(args, hf_config, shard_kwargs, has_checkpoint, dtype):
     shard_config = sf.ShardConfig(**shard_kwargs)
-    if has_checkpoint:
-        return sf.load_pretrained(args.config, config=shard_config, dtype=dtype)
-    return sf.init_model(hf_config, config=shard_config, seed=args.seed, dtype=dtype)
+    try:
+        if has_checkpoint:
+            return sf.load_pretrained(args.config, config=shard_config, dtype=dtype)
+        return sf.init_model(hf_config, config=shard_config, seed=args.seed, dtype=dtype)
+    except ValueError as e:  # the layout does not fit this model: name the flags
+        raise cli.UsageError(f"--config {args.config} with --plugin {args.plugin} --tp {shard_kwargs['tp_size']} --pp "
+                             f"{shard_kwargs['pp_size']} --sp {shard_kwargs['sp_size']} --zero "
+                             f"{shard_kwargs['zero_stage']}: {e}") from None
 
 
 def build_optimizer(args, model, zero: int, steps: int):
