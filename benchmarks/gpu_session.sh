@@ -68,6 +68,10 @@ if [ "$HAS_CUDA" = 1 ] && ! grep -q "extension loaded: True" "$OUT/build.log"; t
   echo "the CUDA extension did not load: stopping here (see build.log)"; tail -40 "$OUT/build.log"; exit 3
 fi
 
+say "kernel report: python -m shardformer.kernels (self-check verdicts, timings against the references)"
+timeout 120 python3 -m shardformer.kernels > "$OUT/kernels_report.txt" 2>&1 || echo "report exited with $?" >> "$OUT/kernels_report.txt"
+cat "$OUT/kernels_report.txt"
+
 say "smoke: every kernel once"
 if [ "$HAS_CUDA" = 1 ]; then
   timeout 90 python3 -m pytest -q -x -m gpu tests/test_kernels_gpu.py -p no:cacheprovider \

@@ -30,7 +30,7 @@ from .comm import agree_on_failure, all_or_none, all_reduce_no_grad
 from .config import ShardConfig
 from .data_parallel import GradReducer, apply_zero3
 from .data_parallel.zero3 import no_gradient_sync
-from .fusion import apply_fused_kernels
+from .fusion import apply_fused_kernels, fused_loss_pays
 from .grad_clip import clip_grad_norm_
 from .mesh import build_groups, build_mesh, require_process_group
 from .pipeline import apply_pipeline
@@ -249,7 +249,7 @@ def _apply(model, plan, groups) -> None:
         _enable_checkpointing(model)
     model.sf_mesh, model.sf_groups, model.sf_config, model.sf_policy = groups.mesh, groups, config, policy
     object.__setattr__(model, "sf_lm_head", head)  # a reference, not a second registered submodule
-    model.sf_fused_lm_loss = config.enable_fused_kernels and policy.fused_lm_loss
+    model.sf_fused_lm_loss = config.enable_fused_kernels and policy.fused_lm_loss and fused_loss_pays()
     model.sf_vocab_size = plan.tp.vocab_spec.full
     model.sf_batch_checked = False
     model.sf_checks_labels = head is not None

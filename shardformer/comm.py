@@ -36,6 +36,9 @@ import torch.distributed._functional_collectives as fc
 # Newer torch names them *_single (*_tensor are deprecated); same semantics.
 _all_gather_dim0 = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
 _reduce_scatter_dim0 = getattr(fc, "reduce_scatter_single", None) or fc.reduce_scatter_tensor
+# the same for the in-place c10d calls (torch 2.11 has only the *_tensor names)
+all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _all_reduce(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:

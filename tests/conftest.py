@@ -1,4 +1,11 @@
+import os
+
 import pytest
+
+# Without the CUDA extension the chunked LM loss is off by default (it costs CPU step time); the
+# suite keeps it on, inherited by every process it starts, so that its code is tested on CPU too
+# (enable_fused_kernels=False tests cover the other path).
+os.environ.setdefault("SHARDFORMER_FUSED_LOSS", "always")
 
 from .dist_harness import ProcessPool
 

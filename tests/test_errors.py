@@ -16,6 +16,7 @@ import shardformer as sf
 from shardformer import comm, mesh
 from shardformer.policies import LlamaPolicy
 
+from . import standin_ext
 from .models import build
 
 
@@ -83,7 +84,8 @@ def check_setup_errors():
     _expect_value_error(unfused, sf.ShardConfig(tp_size=2), "MissingFusedPolicy.fused_norms", "no_such_norm",
                         policy=MissingFusedPolicy())
     assert type(unfused.model.layers[0].input_layernorm).__name__ == "LlamaRMSNorm"  # nothing swapped
-    fused = sf.shard_model(copy.deepcopy(model), policy=OptionalFusedPolicy, config=sf.ShardConfig(tp_size=2))
+    with standin_ext.installed():  # an extension (the CPU stand-in): fused modules are substituted
+        fused = sf.shard_model(copy.deepcopy(model), policy=OptionalFusedPolicy, config=sf.ShardConfig(tp_size=2))
     assert type(fused.model.layers[0].input_layernorm).__name__ == "FusedRMSNorm"
     capped = copy.deepcopy(model)
     capped.model.embed_tokens.max_norm = 1.0

@@ -54,6 +54,15 @@ def test_extension_loads():
     assert cuda.available(), "the CUDA extension failed to build or load (see the warning)"
 
 
+def test_every_kernel_passes_its_self_check():
+    """The check that runs when the extension loads (`selfcheck.run`: odd shapes, fp32 and bf16,
+    forward and every gradient against the reference) passes for every kernel on this device."""
+    from shardformer.kernels import selfcheck
+
+    verdict = selfcheck.run(DEV)
+    assert all(reason is None for reason in verdict.values()), verdict
+
+
 # --------------------------------------------------------------------------- RMSNorm
 RMS_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
               (torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.float32, torch.bfloat16)]

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save-dir", default="runs/pretrain",
       help="log.jsonl, loss.png, checkpoints/ and the final HF checkpoint model/ go here")
     a("--save-every", type=int, default=100, help="steps between resumable checkpoints (0: only the final model)")
+    a("--keep", type=int, default=2, help="resumable checkpoints kept (the newest; older ones are removed)")
     a("--resume", nargs="?", const="", default=None, metavar="DIR",
       help="continue the run saved in DIR (default: --save-dir)")
     a("--seed", type=int, default=42)
@@ -132,6 +133,9 @@ def layout(args, world: int, nproc: int) -> dict:
         kwargs["sp_mode"] = mode
     if pp > 1:
         kwargs.update(pp_schedule=args.pp_schedule, num_microbatches=args.microbatches or pp)
+        if args.batch_size % kwargs["num_microbatches"]:
+            raise UsageError(f"-b/--batch-size {args.batch_size} does not divide into --microbatches "
+                             f"{kwargs['num_microbatches']} (default: --pp)")
     elif args.microbatches is not None:
         raise UsageError("--microbatches needs --pp 2 or more")
     try:
@@ -165,14 +169,20 @@ def model_config(args):
     supported = sf.policies.supported_model_types()
     causal = [a for a in (config.architectures or []) if a.endswith("ForCausalLM")]
     if config.model_type not in supported or (config.architectures and not causal):
-        arch = ", ".join(config.architectures or []) or config.model_type
-        raise UsageError(f"--config {args.config!r} is a {arch} checkpoint (model_type {config.model_type!r}); this "
+        arch = ", ".join(config.architectures or []) or f"{config.model_type} model"
+        raise UsageError(f"--config {args.config!r} describes a {arch} (model_type {config.model_type!r}); this "
                          f"job pretrains causal LMs of the families {', '.join(supported)}")
     return config
 
 
 def has_weights(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
+    """Whether --config's directory holds weights to load (safetensors; UsageError for .bin only)."""
+    if any(os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+        return True
+    if any(os.path.exists(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise UsageError(f"--config {path!r} holds pytorch_model.bin weights; sf.load_pretrained reads safetensors: "
+                         "convert them once with from_pretrained(...).save_pretrained(dir)")
+    return False
 
 
 def _describe(config) -> dict:
@@ -187,9 +197,9 @@ def check_save_dir(args) -> None:
     committed checkpoint (cheap: run before anything is built)."""
     from shardformer.checkpoint.resume import latest_checkpoint
 
-    if args.resume is None:
-        if os.path.exists(os.path.join(args.save_dir, SAVE_MARKER)) or \
-                os.path.exists(os.path.join(args.save_dir, "checkpoints")):
+    if args.resume is None:  # a run that failed before its first checkpoint left nothing worth keeping
+        if latest_checkpoint(os.path.join(args.save_dir, "checkpoints")) is not None or \
+                os.path.exists(os.path.join(args.save_dir, "model")):
             raise UsageError(f"--save-dir {args.save_dir!r} already holds a run: pass --resume to continue it, or "
                              "choose another --save-dir")
         return
@@ -204,7 +214,9 @@ def run_record(args, config, shard_kwargs: dict, world: int) -> dict:
     """What --save-dir records of this run; with --resume, UsageError when the saved run is of
     another model or layout."""
     check_save_dir(args)
-    record = {"model": _describe(config), "layout": dict(shard_kwargs, world=world), "config": args.config}
+    layout_record = {k: v for k, v in shard_kwargs.items() if k != "gradient_checkpointing"}  # -g may change
+    record = {"model": _describe(config), "layout": dict(layout_record, world=world, dtype=args.dtype),
+              "config": args.config}
     if args.resume is None:
         return record
     try:
@@ -213,7 +225,7 @@ def run_record(args, config, shard_kwargs: dict, world: int) -> dict:
     except (OSError, ValueError):
         raise UsageError(f"--resume {args.resume!r}: {SAVE_MARKER} is missing or unreadable; not a run of this "
                          "script") from None
-    for part, flags in (("model", "--config"), ("layout", "the layout flags")):
+    for part, flags in (("model", "--config / --vocab-size / --tokenizer"), ("layout", "the layout flags and --dtype")):
         theirs, ours = saved.get(part) or {}, record[part]
         diff = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)}
         if diff:
@@ -225,7 +237,7 @@ def run_record(args, config, shard_kwargs: dict, world: int) -> dict:
 def parse(argv=None):
     args = build_parser().parse_args(argv)
     _positive(args, ("tp", "pp", "sp", "microbatches", "seq-len", "batch-size", "steps", "vocab-size", "nproc",
-                     "nnodes"))
+                     "nnodes", "keep"))
     if args.save_every < 0:
         raise UsageError(f"--save-every {args.save_every}: must be 0 or more")
     if not 0 <= args.node_rank < args.nnodes:

@@ -73,7 +73,8 @@ class Corpus:
             jsonl = [f.endswith((".json", ".jsonl")) for f in self.files]
             if any(jsonl) and not all(jsonl):
                 raise UsageError(f"--dataset {args.dataset!r}: mixes JSON and text files; pass one kind")
-            self.builder, self.label = ("json" if all(jsonl) else "text"), f"{len(self.files)} local files"
+            count = f"{len(self.files)} local file{'s' if len(self.files) > 1 else ''}"
+            self.builder, self.label = ("json" if all(jsonl) else "text"), count
         else:
             self.files, self.builder, self.name, self.config_name = None, None, args.dataset, args.dataset_config
             self.label = f"the HF dataset {args.dataset!r}"

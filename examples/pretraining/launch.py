@@ -65,8 +65,16 @@ def launch(script: str, argv: list[str], nproc: int, nnodes: int, node_rank: int
                     if p.poll() is None:
                         p.kill()
             time.sleep(0.1)
+        for rank, p in enumerate(procs):
+            if p.returncode is not None and p.returncode < 0 and p.returncode != -signal.SIGTERM:
+                name = signal.Signals(-p.returncode).name
+                hint = " (out of memory?)" if p.returncode == -signal.SIGKILL else ""
+                print(f"pretrain.py: error: worker {node_rank * nproc + rank} was killed by {name}{hint}",
+                      file=sys.stderr, flush=True)
         failed = [p.returncode for p in procs if p.returncode]
-        return status or (failed[0] if failed else 0)
+        killed = [p.returncode for p in procs if p.returncode is not None and p.returncode < 0
+                  and p.returncode != -signal.SIGTERM]
+        return killed[0] if killed else (status or (failed[0] if failed else 0))
     finally:
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])

@@ -62,6 +62,10 @@ class Progress:
         self.bar.update(1)
         return row
 
+    def restart_clock(self) -> None:
+        """Start the next step's time now (after work that is not a step: a checkpoint)."""
+        self.last = time.perf_counter()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import shardformer as sf
+from shardformer.comm import all_or_none
 
 from . import cli, data
 from .progress import Progress, plot_loss, read_log
@@ -94,12 +95,26 @@ def flops_per_token(hf_config, seq_len: int) -> float:
     return count_flops(hf_config, seq_len)["flops_per_token"]
 
 
+def prune(ckpt_dir: str, keep: int) -> None:
+    """Remove committed checkpoints older than the newest `keep` (never the one `latest` names)."""
+    import re
+    import shutil
+
+    from shardformer.checkpoint.resume import latest_checkpoint
+
+    newest = os.path.basename(latest_checkpoint(ckpt_dir) or "")
+    steps = sorted(int(m.group(1)) for m in (re.fullmatch(r"step-(\d+)", d) for d in os.listdir(ckpt_dir)) if m)
+    for step in steps[:-keep]:
+        if f"step-{step}" != newest:
+            shutil.rmtree(os.path.join(ckpt_dir, f"step-{step}"), ignore_errors=True)
+
+
 def sample(args, model_dir: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if sum(p.numel() for p in model.parameters()) > MAX_SAMPLE_PARAMS:
-        print(f"sample: skipped (the model is too large to load whole into one process)")
+        print("sample: skipped (the model is too large to load whole into one process)")
         return
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
@@ -136,9 +151,11 @@ def _train(args, cuda: bool) -> int:
         hf_config.bos_token_id = hf_config.eos_token_id = tokenizer.eos_token_id
         hf_config.pad_token_id = None
     elif len(tokenizer) > hf_config.vocab_size:
-        raise cli.UsageError(f"--tokenizer: {len(tokenizer)} tokens do not fit --config's vocab_size "
-                             f"{hf_config.vocab_size}")
+        what = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else "the tokenizer trained with --vocab-size"
+        raise cli.UsageError(f"{what} has {len(tokenizer)} tokens, more than --config {args.config!r}'s vocab_size "
+                             f"{hf_config.vocab_size}: pass a --tokenizer that fits (or --vocab-size)")
     hf_config._attn_implementation = attention_implementation(args)
+    hf_config.use_cache = False  # training: no KV cache (and no warning with -g)
     record = on_rank0(lambda: cli.run_record(args, hf_config, shard_kwargs, world))
 
     wanted = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else torch.float32
@@ -149,7 +166,10 @@ def _train(args, cuda: bool) -> int:
     model = build_model(args, hf_config, shard_kwargs, has_checkpoint, param_dtype)
     model.train()
     dp, dp_rank = model.sf_mesh["dp"].size(), model.sf_mesh.get_local_rank("dp")
-    stream = data.PackedBatches(corpus, tokenizer, args.seq_len, args.batch_size, dp_rank, dp)
+    with all_or_none(None, "reading the data"):  # a rank whose part is empty: every rank raises, naming it
+        stream = data.PackedBatches(corpus, tokenizer, args.seq_len, args.batch_size, dp_rank, dp)
+        batches = iter(stream)
+        first = next(batches)
     optimizer, scheduler = build_optimizer(args, model, zero, args.steps)
 
     ckpt_dir = os.path.join(args.save_dir, "checkpoints")
@@ -159,31 +179,39 @@ def _train(args, cuda: bool) -> int:
         state = sf.load_checkpoint(ckpt_dir, model, optimizer, scheduler)
         start = state["step"]
         stream.load_state_dict(state["data"])
+        batches, first = iter(stream), None
         if rank == 0 and os.path.exists(log_path):  # drop rows logged after that checkpoint
             rows = [r for r in read_log(log_path) if r["step"] <= start]
             with open(log_path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
-    elif rank == 0:
+    elif rank == 0:  # a fresh run (an earlier one that failed before its first checkpoint is replaced)
         os.makedirs(args.save_dir, exist_ok=True)
+        if os.path.exists(log_path):
+            os.remove(log_path)
         with open(os.path.join(args.save_dir, cli.SAVE_MARKER), "w") as f:
             json.dump(dict(record, args=vars(args)), f, indent=1)
     dist.barrier()
     if start >= args.steps:
         raise cli.UsageError(f"--steps {args.steps}: the run in {args.save_dir!r} has already trained {start} steps")
 
+    precision = str(param_dtype).replace("torch.", "") + (" weights, fp32 masters" if zero and wanted != torch.float32
+                                                          else f" weights, {wanted} autocast".replace("torch.", "")
+                                                          if wanted != param_dtype else "")
     say(f"pretrain: {args.config} ({hf_config.num_hidden_layers} layers, hidden {hf_config.hidden_size}, vocab "
-        f"{hf_config.vocab_size}) on {world} processes: "
-        f"tp {shard_kwargs['tp_size']} x pp {shard_kwargs['pp_size']} x sp {shard_kwargs['sp_size']} x dp {dp}, "
-        f"ZeRO {zero}; {param_dtype}; data: {corpus.label}; {args.batch_size} x {args.seq_len} tokens per dp rank "
-        f"and step; steps {start + 1}..{args.steps}")
+        f"{hf_config.vocab_size}; {'weights from ' + args.config if has_checkpoint else f'random init, seed {args.seed}'}"
+        f") on {world} processes: tp {shard_kwargs['tp_size']} x pp {shard_kwargs['pp_size']} x sp "
+        f"{shard_kwargs['sp_size']} x dp {dp}{', sp ' + shard_kwargs['sp_mode'] if 'sp_mode' in shard_kwargs else ''}"
+        f", ZeRO {zero}{' + CPU offload' if shard_kwargs['cpu_offload'] else ''}"
+        f"{', gradient checkpointing' if args.grad_checkpoint else ''}; {precision}; data: {corpus.label}; "
+        f"{args.batch_size} x {args.seq_len} tokens per dp rank and step; steps {start + 1}..{args.steps}")
     peak = args.peak_tflops if args.peak_tflops is not None else (989.0 if cuda else None)
     progress = Progress(rank == 0, log_path, flops_per_token(hf_config, args.seq_len), peak, world, start, args.steps)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    batches = iter(stream)
     clip = optimizer.clip_grad_norm_ if zero else model.clip_grad_norm_
     began = time.perf_counter()
     for step in range(start + 1, args.steps + 1):
-        ids = next(batches).to(device)
+        ids = (first if first is not None else next(batches)).to(device)
+        first = None
         with autocast:
             loss = model.forward_backward(input_ids=ids, labels=ids)
         norm = clip(args.grad_clip)
@@ -194,6 +222,9 @@ def _train(args, cuda: bool) -> int:
         progress.step(step, float(loss), lr, float(norm), ids.numel() * dp)
         if args.save_every and (step % args.save_every == 0 or step == args.steps):
             sf.save_checkpoint(ckpt_dir, model, optimizer, scheduler, step=step, data=stream.state_dict())
+            if rank == 0:
+                prune(ckpt_dir, args.keep)
+            progress.restart_clock()  # the save is not the next step's time
     progress.close()
     elapsed = time.perf_counter() - began
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..comm import reduce_scatter_into
 from ..mesh import ParallelGroups
 from ..sharding import sharded_parameters
 
@@ -168,7 +169,7 @@ class GradReducer:
             segments = [torch.cat([g[layout.slice_of(p, r)] for g, p in zip(padded, bucket.params)] + [flags])
                         for r in range(layout.size)]
             bucket.flat = torch.empty_like(segments[0])
-            bucket.work = dist.reduce_scatter_tensor(bucket.flat, torch.cat(segments), group=bucket.group,
+            bucket.work = reduce_scatter_into(bucket.flat, torch.cat(segments), group=bucket.group,
                                                      async_op=True)
             return
         bucket.flat = torch.cat(grads + [flags])

@@ -28,7 +28,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from ..comm import agree_on_failure
+from ..comm import agree_on_failure, all_gather_into
 from ..grad_clip import clip_gradients
 from ..sharding import gather_full, local, sharded_parameters, split_tensor
 
@@ -297,7 +297,7 @@ class ZeroOptimizer:
             mine = torch.cat([self.masters[id(q)].to(q.device, q.dtype) for q in bucket])
             full = torch.empty(n * mine.numel(), dtype=mine.dtype, device=mine.device)
             if n > 1:
-                dist.all_gather_into_tensor(full, mine, group=group)
+                all_gather_into(full, mine, group=group)
             else:
                 full.copy_(mine)
             segments = full.view(n, -1)
@@ -372,7 +372,7 @@ def _whole(zero: ZeroOptimizer, piece: torch.Tensor, p: torch.Tensor, spec) -> t
     tensor-parallel shard: all-gather over the data group, then over tp (collectives)."""
     n = zero.layout.size
     pieces = torch.empty(n * piece.numel(), dtype=piece.dtype, device=p.device)
-    dist.all_gather_into_tensor(pieces, piece.to(p.device).contiguous(), group=zero.layout.group)
+    all_gather_into(pieces, piece.to(p.device).contiguous(), group=zero.layout.group)
     shard = pieces[:p.numel()].view(p.shape)
     return gather_full(shard, spec, zero.model.sf_mesh.get_group("tp")).cpu()
 

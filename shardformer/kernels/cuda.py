@@ -3,9 +3,14 @@
 Order: the ahead-of-time module ``shardformer._C`` (``CUDA_EXT=1 pip install .``), else a JIT
 build through ``torch.utils.cpp_extension.load`` cached under ``$SHARDFORMER_EXT_DIR`` (default
 ``~/.cache/shardformer/ext/<torch>-<cuda>-<sources hash>``). Nothing is attempted unless
-``torch.cuda.is_available()``; set ``SHARDFORMER_NO_CUDA_KERNELS=1`` to force the PyTorch path.
-``load()`` never raises: a failed build warns once and returns None, and callers fall back to
-``reference.py``.
+``torch.cuda.is_available()``. ``load()`` never raises: a failed build warns once and returns
+None, and callers fall back to ``reference.py``.
+
+``SHARDFORMER_KERNELS`` (read when the extension loads): ``check`` (default) runs every kernel
+against its reference once per build and GPU (``selfcheck.py``) and switches off, for the
+process, each kernel that disagrees or raises; ``trust`` skips the check; ``off`` never loads
+the extension (the references run; ``SHARDFORMER_NO_CUDA_KERNELS=1`` means the same).
+``enabled(kernel)`` says whether one kernel may run.
 """
 
 from __future__ import annotations
@@ -19,19 +24,42 @@ import torch
 
 from .build import CSRC, CXX_FLAGS, NVCC_FLAGS, SOURCES, link_flags
 
-__all__ = ["load", "available", "require"]  # sources and flags: build.py
+__all__ = ["load", "available", "require", "enabled", "mode", "install", "reset"]  # sources, flags: build.py
 
-_state: dict = {"tried": False, "ext": None}
+KERNELS = ("rmsnorm", "rotary", "swiglu", "cross_entropy")  # what the self-check can switch off one by one
+MODES = ("check", "trust", "off")
+# ext: the module; origin: "aot" / "jit" / a stand-in's name; why: why there is none; device: where
+# the ops dispatch to it; disabled: {kernel: the self-check's one-line reason}
+_state: dict = {"tried": False, "ext": None, "origin": None, "why": None, "device": "cuda", "disabled": {}}
+
+
+def mode() -> str:
+    """``SHARDFORMER_KERNELS``: check (default) | trust | off; ValueError for another value."""
+    if os.environ.get("SHARDFORMER_NO_CUDA_KERNELS", "0") == "1":
+        return "off"
+    value = os.environ.get("SHARDFORMER_KERNELS", "check")
+    if value not in MODES:
+        raise ValueError(f"SHARDFORMER_KERNELS={value!r}: expected one of {', '.join(MODES)}")
+    return value
+
+
+def sources_digest() -> str:
+    """Hash of the CUDA sources (and headers): a changed file means a new build and a new check."""
+    digest = hashlib.sha1()
+    for path in SOURCES + sorted(glob.glob(os.path.join(CSRC, "*.cuh"))):
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+def cache_root() -> str:
+    return os.environ.get("SHARDFORMER_EXT_DIR", os.path.join(os.path.expanduser("~"), ".cache", "shardformer", "ext"))
 
 
 def _build_dir() -> str:
-    digest = hashlib.sha1()
-    for path in SOURCES + sorted(glob.glob(os.path.join(CSRC, "*.cuh"))):
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-{digest.hexdigest()[:12]}"
-    root = os.environ.get("SHARDFORMER_EXT_DIR", os.path.join(os.path.expanduser("~"), ".cache", "shardformer", "ext"))
-    path = os.path.join(root, tag.replace("+", "_"))
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-{sources_digest()}"
+    path = os.path.join(cache_root(), tag.replace("+", "_"))
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -47,24 +75,54 @@ def _jit_build():
 
 
 def load():
-    """Return the extension module, or None when CUDA or the build is unavailable."""
+    """Return the extension module, or None when CUDA or the build is unavailable (the reason is
+    in ``_state["why"]``). With ``SHARDFORMER_KERNELS=check`` the kernels are checked first."""
     if _state["tried"]:
         return _state["ext"]
     _state["tried"] = True
-    if os.environ.get("SHARDFORMER_NO_CUDA_KERNELS", "0") == "1":
+    if mode() == "off":
+        _state["why"] = "SHARDFORMER_KERNELS=off"
+        return None
+    if not torch.cuda.is_available():
+        _state["why"] = "no CUDA device"
         return None
     try:
-        if not torch.cuda.is_available():
-            return None
         try:
             from shardformer import _C as ext  # ahead-of-time build
+            origin = "aot"
         except ImportError:
-            ext = _jit_build()
-        _state["ext"] = ext
+            ext, origin = _jit_build(), "jit"
     except Exception as exc:  # noqa: BLE001 - any build failure means "use the reference path"
+        _state["why"] = f"the build failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
         warnings.warn(f"shardformer: CUDA kernels unavailable, using PyTorch fallbacks ({exc})")
-        _state["ext"] = None
-    return _state["ext"]
+        return None
+    return install(ext, origin, "cuda")
+
+
+def install(ext, origin: str, device: str = "cuda"):
+    """Use `ext` (the extension, or a stand-in with the same functions) for tensors on `device`,
+    after the self-check when ``SHARDFORMER_KERNELS=check``; returns `ext`."""
+    from . import selfcheck
+
+    _state.update(tried=True, ext=ext, origin=origin, why=None, device=device, disabled={})
+    if mode() == "check":
+        _state["disabled"] = selfcheck.verify(device)
+    return ext
+
+
+def reset() -> None:
+    """Forget the loaded extension and the verdicts (the next ``load()`` starts again)."""
+    _state.update(tried=False, ext=None, origin=None, why=None, device="cuda", disabled={})
+
+
+def device_type() -> str:
+    """The device type whose tensors the ops hand to the extension."""
+    return _state["device"]
+
+
+def enabled(kernel: str) -> bool:
+    """False when the self-check switched `kernel` off (one of ``KERNELS``)."""
+    return kernel not in _state["disabled"]
 
 
 def available() -> bool:

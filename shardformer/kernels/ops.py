@@ -38,7 +38,13 @@ def _leave_to_inductor() -> bool:
 
 
 def _use_cuda(*tensors) -> bool:
-    return all(t.is_cuda and t.dtype in _FLOATS for t in tensors) and cuda.available()
+    """The extension is loaded and takes these tensors (its device, a float dtype)."""
+    return cuda.available() and all(t.device.type == cuda.device_type() and t.dtype in _FLOATS for t in tensors)
+
+
+def _use_kernel(kernel: str, *tensors) -> bool:
+    """`_use_cuda` and the self-check left `kernel` on."""
+    return _use_cuda(*tensors) and cuda.enabled(kernel)
 
 
 # --------------------------------------------------------------------------- custom ops (CUDA)
@@ -176,7 +182,7 @@ _RMS_MAX_H = 16384  # the backward keeps one fp32 row of dw per block in shared 
 
 
 def _rms_cuda_ok(x, weight) -> bool:
-    return (not _leave_to_inductor() and _use_cuda(x, weight) and weight.device == x.device and weight.dim() == 1 and weight.numel() == x.shape[-1]
+    return (not _leave_to_inductor() and _use_kernel("rmsnorm", x, weight) and weight.device == x.device and weight.dim() == 1 and weight.numel() == x.shape[-1]
             and 0 < x.shape[-1] <= _RMS_MAX_H)
 
 
@@ -209,7 +215,7 @@ def apply_rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
 
     Output dtype as HF's: ``promote(q, cos)`` (under autocast, bf16 q/k and fp32 cos/sin give fp32).
     """
-    ok = (not _leave_to_inductor() and _use_cuda(q, k, cos, sin) and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3
+    ok = (not _leave_to_inductor() and _use_kernel("rotary", q, k, cos, sin) and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3
           and unsqueeze_dim in (1, 2) and q.shape[-1] % 2 == 0 and _rotary_dtypes_ok(q, k, cos, sin)
           and len({q.device, k.device, cos.device, sin.device}) == 1
           and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1] == k.shape[-1] and not (cos.requires_grad or sin.requires_grad))
@@ -228,7 +234,7 @@ def apply_rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``."""
-    if not _leave_to_inductor() and _use_cuda(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape:
+    if not _leave_to_inductor() and _use_kernel("swiglu", gate, up) and gate.dtype == up.dtype and gate.shape == up.shape:
         return _SwiGLU.apply(gate, up)
     return reference.swiglu(gate, up)
 
@@ -238,5 +244,5 @@ def linear_cross_entropy(hidden, weight, target, ignore_index: int = -100, reduc
                          vocab_size: int | None = None, reduce_grad_hidden: bool = True):
     """Chunked ``F.cross_entropy(hidden @ weight.T, target)``; see ``cross_entropy.py``."""
     return _linear_cross_entropy(hidden, weight, target, ignore_index, reduction, chunk_size,
-                                 process_group, vocab_start, vocab_size, use_cuda=_use_cuda(hidden, weight),
+                                 process_group, vocab_start, vocab_size, use_cuda=_use_kernel("cross_entropy", hidden, weight),
                                  reduce_grad_hidden=reduce_grad_hidden)
