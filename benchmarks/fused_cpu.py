@@ -1,6 +1,6 @@
 """Step time on CPU with `enable_fused_kernels` on (the default) and off, at tp = 1 and tp = 2.
 
-    python benchmarks/fused_cpu.py [--hidden 512 --layers 4 --vocab 32000 --batch 4 --seq 256 --steps 5]
+    python benchmarks/fused_cpu.py [--hidden 512 --layers 4 --vocab 32000 --batch 4 --seq 256 --steps 8]
 
 Where no CUDA kernel runs, the default must cost no step time: without the extension only the
 chunked LM loss is substituted (HF's norms and MLPs stay). Each tp size runs in its own gloo
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=8)
     args = p.parse_args(argv)
     from shardformer.kernels import cuda
 
