@@ -55,6 +55,24 @@ def grad_errors(model, ref) -> dict[str, float]:
             for name, p, spec in sharded_parameters(model)}
 
 
+def step_and_compare_weights(errs: dict, step: int, model, ref, optimizers) -> None:
+    """Step and zero every optimizer, then record each full weight's rel_err against `ref`'s in `errs`."""
+    import shardformer as sf
+
+    for o in optimizers:
+        o.step()
+        o.zero_grad()
+    full, ref_state = sf.full_state_dict(model), ref.state_dict()
+    errs |= {f"step{step}/weight/{name}": rel_err(t, ref_state[name]) for name, t in full.items()}
+
+
+def assert_within(errs: dict, tol: float) -> float:
+    """Every error at most `tol` (naming those above); returns the worst."""
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+    return max(errs.values())
+
+
 class capture_logs:
     """Context manager: the messages logged by the "shardformer" logger (INFO and up) inside it."""
 

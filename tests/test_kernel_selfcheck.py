@@ -10,7 +10,6 @@ import sys
 import warnings
 
 import pytest
-import torch
 
 from shardformer.kernels import cuda, selfcheck
 

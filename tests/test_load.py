@@ -9,7 +9,7 @@ import torch.distributed as dist
 import shardformer as sf
 from shardformer.sharding import local
 
-from .models import batch, build, rel_err
+from .models import assert_within, batch, build, rel_err, step_and_compare_weights
 from .test_equivalence import ADAMW, TOL
 
 
@@ -164,14 +164,8 @@ def check_init_trains(layout, tied, steps=2):
         ref_loss.backward()
         loss = model.forward_backward(input_ids=ids[mine], labels=labels[mine])
         errs[f"step{step}/loss"] = rel_err(loss, ref_loss.detach())
-        for o in (ref_opt, zero):
-            o.step()
-            o.zero_grad()
-        full, ref_state = sf.full_state_dict(model), ref.state_dict()
-        errs |= {f"step{step}/weight/{name}": rel_err(t, ref_state[name]) for name, t in full.items()}
-    bad = {k: v for k, v in errs.items() if not v <= TOL}
-    assert not bad, f"relative errors above {TOL}: {bad}"
-    return max(errs.values())
+        step_and_compare_weights(errs, step, model, ref, (ref_opt, zero))
+    return assert_within(errs, TOL)
 
 
 @pytest.mark.parametrize("world,layout,tied", [(2, dict(zero_stage=3), False),

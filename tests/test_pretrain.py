@@ -22,7 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 OFFLINE = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-SMALL = ["--steps", "6", "--save-every", "3", "-l", "32", "-b", "2", "--sample-tokens", "0"]
+SMALL = ["--steps", "6", "--save-every", "3", "-l", "32", "-b", "2", "--sample-tokens", "0", "--nproc", "1"]
 
 
 def readme_command() -> list[str]:
@@ -107,7 +107,9 @@ def test_readme_main_job(main_job):
 
 def test_resume_continues_exactly(tmp_path):
     """A run resumed from its step-3 checkpoint (as a crash after that save leaves it) trains steps
-    4-6 exactly as the uninterrupted run did: losses, gradient norms and final weights."""
+    4-6 exactly as the uninterrupted run did: losses, gradient norms and final weights (one
+    process: the data position, optimizer, scheduler and RNG the script restores; resuming sharded
+    state over several ranks is tests/test_resume.py's)."""
     from safetensors.torch import load_file
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"

@@ -11,7 +11,7 @@ import shardformer as sf
 from shardformer.data_parallel import per_rank_bytes
 from shardformer.sharding import local
 
-from .models import batch, build, capture_logs, rel_err
+from .models import assert_within, batch, build, capture_logs, rel_err, step_and_compare_weights
 from .test_equivalence import ADAMW, TOL
 
 CLIP = 0.05  # below these batches' gradient norms (~2-4): clipping acts on every step
@@ -46,14 +46,8 @@ def check_zero(stage, tp=1, sp=1, sp_mode=None, pp=1, accumulate=1, offload=Fals
         norm = zero.clip_grad_norm_(CLIP)
         assert ref_norm > CLIP
         errs[f"step{step}/norm"] = rel_err(norm, ref_norm)
-        for o in (ref_opt, zero):
-            o.step()
-            o.zero_grad()
-        full, ref_state = sf.full_state_dict(model), ref.state_dict()
-        errs |= {f"step{step}/weight/{name}": rel_err(t, ref_state[name]) for name, t in full.items()}
-    bad = {k: v for k, v in errs.items() if not v <= TOL}
-    assert not bad, f"relative errors above {TOL}: {bad}"
-    return max(errs.values())
+        step_and_compare_weights(errs, step, model, ref, (ref_opt, zero))
+    return assert_within(errs, TOL)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
