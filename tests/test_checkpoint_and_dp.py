@@ -1,6 +1,7 @@
 """save_pretrained writes a plain HF directory from any tp layout; the data-parallel gradient
 reduction is bucketed and launched during backward."""
 import copy
+import json
 import os
 import tempfile
 
@@ -175,6 +176,9 @@ def check_max_shard_size(layout, path, limit):
             sizes = [f.get_slice(k).get_shape() for k in f.keys()]
         total = sum(torch.Size(s).numel() * 4 for s in sizes)
         assert total <= limit or len(sizes) == 1, (name, total)
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)  # the real class (not FSDP2's renamed one at ZeRO-3) and the weights' dtype
+    assert saved["architectures"] == ["LlamaForCausalLM"] and saved["dtype"] == "float32", saved
     loaded = AutoModelForCausalLM.from_pretrained(path).state_dict()
     assert set(loaded) == set(ref.state_dict())
     for name, tensor in loaded.items():

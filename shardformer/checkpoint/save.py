@@ -32,7 +32,7 @@ _WEIGHTS, _INDEX = "model.safetensors", "model.safetensors.index.json"
 
 @torch.no_grad()
 def _full_tensors(model: torch.nn.Module, keep: bool = True):
-    """Yield (name, unsharded tensor on the CPU, first name of the same tensor) for the model's
+    """Yield (name, unsharded tensor on its device, first name of the same tensor) for the model's
     state dict, one tensor at a time (a collective over the tp group, and over dp at ZeRO-3). A
     tied name (a tensor already yielded under `first`) yields None and costs no collective; so
     does every name on a rank with `keep=False`, which still takes part in the gathers. Nothing is
@@ -48,7 +48,7 @@ def _full_tensors(model: torch.nn.Module, keep: bool = True):
         spec = specs.get(name)
         whole = whole_over_dp(tensor.detach())  # ZeRO-3: the whole tensor over dp first
         gathered = whole if spec is None else gather_full(whole, spec, group)
-        yield name, (gathered.cpu() if keep else None), name
+        yield name, (gathered if keep else None), name  # on its device: the caller moves it to the CPU
 
 
 def full_state_dict(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
@@ -58,7 +58,7 @@ def full_state_dict(model: torch.nn.Module, keep: bool = True) -> dict[str, torc
     full = {}
     for name, tensor, first in _full_tensors(model, keep):
         if keep:
-            full[name] = full[first] if tensor is None else tensor
+            full[name] = full[first] if tensor is None else tensor.cpu()
     return full
 
 
@@ -101,9 +101,12 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, m
                     os.remove(os.path.join(save_directory, old))
     dist.barrier()
     files = _ShardWriter(save_directory, stage, limit) if writer else None
-    for name, tensor, _ in _full_tensors(model, keep=writer):
-        if tensor is not None and name not in skip:  # a tied weight goes once, under its first name
-            files.add(name, tensor)
+    for name, tensor, _ in _full_tensors(model, keep=writer):  # the writer joins every gather, error or not
+        if tensor is not None and name not in skip and files.error is None:  # a tied weight goes once
+            try:
+                files.add(name, tensor.cpu())
+            except Exception as err:  # noqa: BLE001 - host memory, say: every rank raises it after the gathers
+                files.error = err
     error = files.close() if writer else None
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, files.parts if writer and error is None else None)
@@ -164,7 +167,10 @@ def _name_files(model, directory, parts) -> None:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(directory, _INDEX), "w") as f:
             json.dump(index, f, indent=2)
-    model.config.architectures = [type(model).__name__]
+    model.config.architectures = [type(model).__name__.removeprefix("FSDP")]  # ZeRO-3: FSDP2 renames the class
+    floating = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if floating is not None:  # what from_pretrained(dtype="auto") restores, as HF's save writes it
+        model.config.dtype = floating
     model.config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(directory)

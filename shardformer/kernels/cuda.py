@@ -79,8 +79,9 @@ def load():
     in ``_state["why"]``). With ``SHARDFORMER_KERNELS=check`` the kernels are checked first."""
     if _state["tried"]:
         return _state["ext"]
+    current = mode()  # a bad value raises on every call, before anything is tried
     _state["tried"] = True
-    if mode() == "off":
+    if current == "off":
         _state["why"] = "SHARDFORMER_KERNELS=off"
         return None
     if not torch.cuda.is_available():
@@ -106,7 +107,12 @@ def install(ext, origin: str, device: str = "cuda"):
 
     _state.update(tried=True, ext=ext, origin=origin, why=None, device=device, disabled={})
     if mode() == "check":
-        _state["disabled"] = selfcheck.verify(device)
+        try:
+            _state["disabled"] = selfcheck.verify(device)
+        except Exception as exc:  # noqa: BLE001 - the check itself broke: trust no kernel
+            _state["disabled"] = {kernel: f"the self-check could not run ({exc})" for kernel in KERNELS}
+            warnings.warn(f"shardformer: the CUDA kernels' self-check failed ({exc}); every kernel is switched off "
+                          "for this process, the PyTorch references run")
     return ext
 
 

@@ -39,7 +39,7 @@ def _leave_to_inductor() -> bool:
 
 def _use_cuda(*tensors) -> bool:
     """The extension is loaded and takes these tensors (its device, a float dtype)."""
-    return cuda.available() and all(t.device.type == cuda.device_type() and t.dtype in _FLOATS for t in tensors)
+    return all(t.device.type == cuda.device_type() and t.dtype in _FLOATS for t in tensors) and cuda.available()
 
 
 def _use_kernel(kernel: str, *tensors) -> bool:

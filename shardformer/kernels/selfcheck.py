@@ -75,7 +75,8 @@ def _rand(gen, device, dtype, *shape, scale=1.0):
 def _rmsnorm(device, dtype, gen):
     from . import ops
 
-    for rows, hidden in ((5, 64), (33, 200), (7, 129)):
+    shapes = ((5, 64), (33, 200), (7, 129)) + (((4096, 8200),) if device == "cuda" else ())  # many rows per block
+    for rows, hidden in shapes:
         x, r = _rand(gen, device, dtype, rows, hidden), _rand(gen, device, dtype, rows, hidden)
         w = 1 + _rand(gen, device, dtype, hidden, scale=0.1)
         shape = f"x [{rows}, {hidden}] {dtype}"
@@ -89,11 +90,15 @@ def _rmsnorm(device, dtype, gen):
 def _rotary(device, dtype, gen):
     from . import ops
 
-    for b, hq, hk, s, d in ((2, 4, 2, 9, 32), (1, 3, 1, 17, 64)):
-        q, k = _rand(gen, device, dtype, b, hq, s, d), _rand(gen, device, dtype, b, hk, s, d)
-        angle = torch.rand(b, s, d, generator=gen, device=device) * 6.3
+    for b, hq, hk, s, d, hf in ((2, 4, 2, 9, 32, False), (1, 3, 1, 17, 64, False), (3, 4, 2, 7, 32, True)):
+        if hf:  # as HF's attention passes them: [B, S, H, D] transposed views, cos of batch 1 (broadcast)
+            q = _rand(gen, device, dtype, b, s, hq, d).transpose(1, 2)
+            k = _rand(gen, device, dtype, b, s, hk, d).transpose(1, 2)
+        else:
+            q, k = _rand(gen, device, dtype, b, hq, s, d), _rand(gen, device, dtype, b, hk, s, d)
+        angle = torch.rand(1 if hf else b, s, d, generator=gen, device=device) * 6.3
         for trig in ((angle.cos().to(dtype), angle.sin().to(dtype)), (angle.cos(), angle.sin())):  # fp32 cos too
-            shape = f"q [{b}, {hq}, {s}, {d}] {dtype}, cos {trig[0].dtype}"
+            shape = f"q [{b}, {hq}, {s}, {d}]{' transposed' if hf else ''} {dtype}, cos {trig[0].dtype}"
             yield shape, lambda q=q, k=k, c=trig[0], sn=trig[1]: _against(
                 "rotary", lambda q, k: ops.apply_rotary(q, k, c, sn), lambda q, k: reference.apply_rotary(q, k, c, sn),
                 [q, k], dtype, 2)
@@ -111,9 +116,11 @@ def _swiglu(device, dtype, gen):
 def _cross_entropy(device, dtype, gen):
     from .cross_entropy import linear_cross_entropy
 
-    for n, h, v, start in ((37, 64, 1000, 0), (29, 48, 517, 300)):
+    # (rows, hidden, this slice's vocabulary rows, its offset, the full vocabulary): full < start + v is
+    # the last tensor-parallel rank's slice with padding rows, which must be ignored
+    for n, h, v, start, full in ((37, 64, 1000, 0, 1000), (29, 48, 517, 300, 917), (23, 40, 300, 0, 250),
+                                 (19, 40, 300, 600, 850)):
         hidden, weight = _rand(gen, device, dtype, n, h), _rand(gen, device, dtype, v, h, scale=0.2)
-        full = start + v + (100 if start else 0)  # with an offset: this rank's slice of a larger vocabulary
         target = torch.randint(0, full, (n,), generator=gen, device=device)
         target[::7] = -100
 
@@ -123,9 +130,9 @@ def _cross_entropy(device, dtype, gen):
         def ref(hd, w, start=start, full=full, target=target):
             if start:  # the vocabulary-parallel pieces: the same loop with the torch chunk functions
                 return fused(hd, w, use=False)
-            return torch.nn.functional.cross_entropy((hd @ w.t()).float(), target, ignore_index=-100)
+            return torch.nn.functional.cross_entropy((hd @ w[:full].t()).float(), target, ignore_index=-100)
 
-        yield f"hidden [{n}, {h}], vocab {v} at {start} {dtype}", lambda f=fused, r=ref, hd=hidden, w=weight: _against(
+        yield f"hidden [{n}, {h}], vocab rows {v} at {start} of {full} {dtype}", lambda f=fused, r=ref, hd=hidden, w=weight: _against(
             "linear_cross_entropy", f, r, [hd, w], dtype, h * 8)
 
 
@@ -156,7 +163,12 @@ def run(device: str) -> dict[str, str | None]:
 def cache_key(device: str) -> str:
     """What the verdict depends on: sources, torch, CUDA, the extension's origin and file, the GPU."""
     ext = cuda._state["ext"]
-    parts = [cuda.sources_digest(), torch.__version__, str(torch.version.cuda), str(cuda._state["origin"])]
+    python = hashlib.sha1()  # the ops' autograd wrappers and this check are part of what is verified
+    for name in ("ops.py", "cross_entropy.py", "selfcheck.py"):
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            python.update(f.read())
+    parts = [cuda.sources_digest(), python.hexdigest()[:12], torch.__version__, str(torch.version.cuda),
+             str(cuda._state["origin"])]
     path = getattr(ext, "__file__", None)
     if path and os.path.exists(path):
         stat = os.stat(path)
