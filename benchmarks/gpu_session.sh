@@ -16,7 +16,7 @@
 #   benchmark.json  examples/benchmark.py under --time-budget (stages that no longer fit are skipped and
 #                   say so); rewritten after every stage, and on SIGTERM it records the interrupted stage.
 #   benchmark.log   its output, the tables last.
-#   gpu_tests.log   pytest -m gpu tests/test_kernels_gpu.py in the TESTS_S seconds (default 110) kept for it.
+#   gpu_tests.log   pytest -m gpu tests/test_kernels_gpu.py tests/test_ring_blocks.py in the TESTS_S seconds (default 110) kept for it.
 # BENCH_ARGS adds arguments to the benchmark (e.g. "--only hf_eager,sf_fused"; "--tiny --device cpu" tries this script on CPU).
 # Rough times: setup 20-30 s; build 40-60 s (16 cores); smoke 15-30 s; benchmark = what is left minus
 # TESTS_S (imports 15, ceilings 3, hf_eager 10, hf_liger 25, hf_compile 60-90, sf_fused 20, rmsnorm 10,
@@ -99,7 +99,7 @@ T=$(($(left) - 5))
 say "GPU tests (${T} s)"
 if [ "$T" -ge 20 ]; then
   per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=60")
-  timeout -k 5 "$T" python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -p no:cacheprovider $per_test \
+  timeout -k 5 "$T" python3 -m pytest -q -m gpu tests/test_kernels_gpu.py tests/test_ring_blocks.py -p no:cacheprovider $per_test \
     > "$OUT/gpu_tests.log" 2>&1
   echo "pytest exit $?"
   grep -E "passed|failed|skipped|error|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -25

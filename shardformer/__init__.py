@@ -7,6 +7,7 @@ from .checkpoint import (full_state_dict, init_model, load_checkpoint, load_pret
 from .config import ShardConfig
 from .data_parallel import ZeroOptimizer
 from .mesh import build_mesh
+from .sequence_parallel.batch import split_batch
 
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "full_state_dict",
     "build_mesh",
     "ZeroOptimizer",
+    "split_batch",
     "policies",
     "pipeline",
 ]

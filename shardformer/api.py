@@ -35,6 +35,7 @@ from .grad_clip import clip_grad_norm_
 from .mesh import build_groups, build_mesh, require_process_group
 from .pipeline import apply_pipeline
 from .sequence_parallel import SequenceCalls, apply_split_gather, apply_ulysses, gather_hidden_hook
+from .sequence_parallel.batch import SPLIT_KEY, gather_batch
 from .tensor_parallel import accepts_return_dict, apply_tensor_parallel, run_forward
 
 
@@ -59,18 +60,25 @@ class ShardedModelMixin:
     """Methods added to a sharded model. State lives in `sf_mesh`, `sf_groups`, `sf_config`,
     `sf_policy`, `sf_grad_reducer`."""
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """HF's `model.dtype`; at ZeRO-3 the dtype the model computes in (`sf_param_dtype`: FSDP's
+        shards of a bf16 / fp16 model are fp32 master weights)."""
+        return getattr(self, "sf_param_dtype", None) or super().dtype
+
     def forward_backward(self, **batch) -> torch.Tensor:
         """Forward and backward on this rank's batch; returns the loss averaged over dp (detached),
         the same value on every rank. Gradients are reduced across replicas when it returns.
 
         Every rank of one replica passes the same batch (checked unless
-        `ShardConfig.check_batch=False`). A bad batch on any rank (no labels, an id or label
-        outside the vocabulary) raises on every rank: the ranks share the outcome of that
-        validation in one tiny all-gather over the world, with or without the check.
+        `ShardConfig.check_batch=False`), or every rank its `sf.split_batch` shard of it. A bad
+        batch on any rank (no labels, an id or label outside the vocabulary) raises on every
+        rank: the ranks share the outcome of that validation in one tiny all-gather over the
+        world, with or without the check.
         With pipeline parallelism the configured schedule runs every microbatch; a failure on
         any rank inside it raises on every rank (a waiting stage gives up after
         `ShardConfig.pipeline_timeout_s`), naming every failing rank's error."""
-        self._validate_step(batch, "forward_backward")
+        batch = self._validate_step(batch, "forward_backward")
         if self.sf_pipeline is not None:
             return self._pipeline_step(batch, train=True)
         loss = self._checked_loss(batch)
@@ -84,7 +92,7 @@ class ShardedModelMixin:
         """The loss of this batch without backward (evaluation), for any layout, pipeline
         included; averaged over dp, the same value on every rank. Same batch rules and
         validation as `forward_backward`."""
-        self._validate_step(batch, "forward_loss")
+        batch = self._validate_step(batch, "forward_loss")
         if self.sf_pipeline is not None:
             return self._pipeline_step(batch, train=False)
         return self._dp_mean(self._checked_loss(batch))
@@ -98,16 +106,34 @@ class ShardedModelMixin:
             self.sf_batch_checked = False
         return out[0] if isinstance(out, tuple) else out.loss
 
-    def _validate_step(self, batch, what: str) -> None:
+    def _validate_step(self, batch, what: str) -> dict:
+        """Validate the step's batch on every rank in one exchange over the world; returns the
+        whole batch (an `sf.split_batch` shard is gathered first, after an exchange that pairs
+        with another rank's validation, so that a mix of shards and whole batches, or of
+        lengths, raises everywhere: the third flag counts the ranks that passed a shard)."""
+        split = torch.tensor([int(SPLIT_KEY in batch)], dtype=torch.int64)
+        if split.item():
+            bad = check_batch(self.sf_groups, (), batch, dist.group.WORLD, None,
+                              torch.cat([torch.zeros(2, dtype=torch.int64), split]), what, content=False)
+            self._raise_split_mix(bad)
+            batch = gather_batch(batch, self)
         error = None
         try:
             self._check_training_batch(batch)
         except ValueError as err:
             error = err
         flags = self._batch_range_flags(batch) if error is None else torch.zeros(2, dtype=torch.int64)
-        bad = check_batch(self.sf_groups, (), batch, dist.group.WORLD, error, flags, what,
+        bad = check_batch(self.sf_groups, (), batch, dist.group.WORLD, error, torch.cat([flags.cpu(), split]), what,
                           compare=self.sf_config.check_batch)
-        self._raise_range_error(bad)
+        self._raise_split_mix(bad)
+        self._raise_range_error(bad[:2])
+        return batch
+
+    @staticmethod
+    def _raise_split_mix(bad) -> None:
+        if 0 < bad[2] < dist.get_world_size():
+            raise ValueError(f"{int(bad[2])} of {dist.get_world_size()} ranks passed an sf.split_batch shard and the "
+                             "others a whole batch: every rank must do the same")
 
     def _pipeline_step(self, batch, train: bool) -> torch.Tensor:
         runner, error, loss = self.sf_pipeline, None, None
@@ -115,7 +141,8 @@ class ShardedModelMixin:
         sync = self.sf_grad_reducer.enabled  # False inside the user's no_sync()
         with self.sf_grad_reducer.no_sync():
             try:
-                loss = runner.train_step(batch) if train else runner.eval_step(batch)
+                scale = self.sf_zero.loss_scale if self.sf_zero is not None else 1.0  # fp16 loss scaling
+                loss = runner.train_step(batch, scale) if train else runner.eval_step(batch)
             except Exception as err:  # noqa: BLE001 - every rank raises below
                 error = err
         agree_on_failure(error, None, what, name_all=True)
@@ -169,8 +196,8 @@ class ShardedModelMixin:
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip all gradients by the global norm of the unsharded model's gradient; returns it.
-        With ZeRO the gradients are the optimizer's pieces: `sf.ZeroOptimizer.clip_grad_norm_`."""
-        if self.sf_zero is not None and self.sf_config.zero_stage in (1, 2):
+        With ZeRO the gradients are the optimizer's pieces (or fp16-scaled): `sf.ZeroOptimizer.clip_grad_norm_`."""
+        if self.sf_zero is not None:
             return self.sf_zero.clip_grad_norm_(max_norm, norm_type)
         if self.sf_config.zero_stage == 3:  # FSDP's gradient shards are disjoint over dp (x sp)
             return clip_grad_norm_(self, max_norm, 1, norm_type)
@@ -193,6 +220,10 @@ def _sharded_class(cls: type) -> type:
         if self.sf_pipeline is not None:
             raise ValueError("with ShardConfig.pp_size > 1 each rank holds only its pipeline stages: train with "
                              "model.forward_backward(**batch) and evaluate with model.forward_loss(**batch)")
+        if SPLIT_KEY in kwargs:  # an sf.split_batch shard: the structure is compared before the gather
+            if self.sf_config.check_batch:
+                check_batch(self.sf_groups, args, kwargs, content=False)
+            kwargs = gather_batch(kwargs, self)
         if self.sf_sequence_calls is not None and not self.sf_batch_checked:
             self.sf_sequence_calls.validate(kwargs)
         if self.sf_config.check_batch and not self.sf_batch_checked:

@@ -52,23 +52,25 @@ def _items(args: tuple, kwargs: dict) -> list:
     return [(f"arg{i}", v) for i, v in enumerate(args)] + [(k, kwargs[k]) for k in sorted(kwargs)]
 
 
-def fingerprint(args: tuple, kwargs: dict, device) -> torch.Tensor:
+def fingerprint(args: tuple, kwargs: dict, device, content: bool = True) -> torch.Tensor:
     """int64 [2] on `device`: a structure number from every argument's name, dtype and shape
     (values of plain arguments; only the type of other objects: caches differ between peers by
-    design), and a content sum of every tensor."""
+    design), and a content sum of every tensor (0 with `content=False`: the shards of
+    `sf.split_batch` differ between peers by design)."""
     structure = torch.zeros((), dtype=torch.int64, device=device)
-    content = torch.zeros((), dtype=torch.int64, device=device)
+    total = torch.zeros((), dtype=torch.int64, device=device)
     for key, value in _items(args, kwargs):
         key_code = _crc(key) | 1
         if torch.is_tensor(value):
             shape = torch.tensor([_crc(str(value.dtype)), *value.shape], dtype=torch.int64, device=device)
             weights = torch.arange(1, shape.numel() + 1, dtype=torch.int64, device=device).mul_(1000003)
             structure = structure + (shape * weights).sum() * key_code
-            content = content + _bits_sum(value).to(device) * key_code
+            if content:
+                total = total + _bits_sum(value).to(device) * key_code
         else:
             code = _crc(repr(value)) if isinstance(value, _PLAIN) else _crc(type(value).__name__)
             structure = structure + key_code * (code + 1)
-    return torch.stack([structure, content])
+    return torch.stack([structure, total])
 
 
 def describe(args: tuple, kwargs: dict) -> str:
@@ -85,7 +87,8 @@ def describe(args: tuple, kwargs: dict) -> str:
 def _mismatch_message(rows, description: str, what: str) -> str:
     return (f"{what}: the ranks of one model replica (its tensor/sequence/pipeline-parallel peers, "
             f"global ranks {rows}) received different batches (this rank: {description}). Every rank "
-            "of a replica must pass the same batch; only data-parallel ranks take different ones "
+            "of a replica must pass the same batch (or every rank its sf.split_batch shard of it); "
+            "only data-parallel ranks take different ones "
             "(sample over the dp ranks: DistributedSampler(num_replicas=model.sf_mesh['dp'].size(), "
             "rank=model.sf_mesh.get_local_rank('dp'))). Once trusted, ShardConfig(check_batch=False) "
             "turns this check off.")
@@ -101,10 +104,12 @@ def _check_compiled(groups, args: tuple, kwargs: dict, what: str) -> None:
 
 
 def check_batch(groups, args: tuple, kwargs: dict, group=None, error: BaseException | None = None,
-                flags: torch.Tensor | None = None, what: str = "forward", compare: bool = True) -> torch.Tensor:
+                flags: torch.Tensor | None = None, what: str = "forward", compare: bool = True,
+                content: bool = True) -> torch.Tensor:
     """Compare the batch fingerprints of every replica's ranks over `group` (None: the replica
     group; `dist.group.WORLD` for a whole step) in one all-gather; `compare=False` exchanges only
-    `error` and `flags`. `error`: this rank's own validation failure, shared so that every rank
+    `error` and `flags`; `content=False` compares the structure only (names, dtypes, shapes).
+    `error`: this rank's own validation failure, shared so that every rank
     raises; `flags`: int64 [k] device-side checks (1 = bad), returned summed over `group` (on the
     CPU). Raises ValueError on every rank of `group` when a replica's batches differ."""
     group = groups.replica if group is None else group
@@ -118,7 +123,7 @@ def check_batch(groups, args: tuple, kwargs: dict, group=None, error: BaseExcept
         _check_compiled(groups, args, kwargs, what)
         return torch.zeros(0, dtype=torch.int64)
     device = comm_device(group)
-    fp = fingerprint(args, kwargs, device) if compare else torch.zeros(2, dtype=torch.int64, device=device)
+    fp = fingerprint(args, kwargs, device, content) if compare else torch.zeros(2, dtype=torch.int64, device=device)
     extra = torch.zeros(0, dtype=torch.int64, device=device) if flags is None else flags.to(device, torch.int64)
     mine = torch.cat([torch.tensor([0 if error is None else 1], device=device), fp, extra])
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]

@@ -81,7 +81,7 @@ def init_model(hf_config, config=None, policy=None, seed: int = 0, dtype: torch.
                 full[hf_config.pad_token_id] = 0
         else:
             full = _full_value(module, attr, shape, std, _generator(seed, name))
-        piece = split_tensor(full, spec, tp_rank)  # this rank's tensor-parallel piece
+        piece = split_tensor(full.to(getattr(model, "sf_param_dtype", param.dtype)), spec, tp_rank)  # its tp piece
         held = tuple(slice(start, start + n) for start, n in local_region(param))  # ZeRO-3: its dp chunk
         local(param).copy_(piece[held])
     init_buffers(model)

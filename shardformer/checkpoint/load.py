@@ -116,6 +116,7 @@ def _index(region) -> tuple[slice, ...]:
 @torch.no_grad()
 def _fill(model: nn.Module, reader: _Reader) -> None:
     tp_rank = model.sf_mesh.get_local_rank("tp")
+    dtype = getattr(model, "sf_param_dtype", None)  # ZeRO-3: fp32 masters hold values of the model's dtype
     for name, param, spec in sharded_parameters(model):
         key = name if name in reader.files else _tied_key(model, name, reader)
         target, region = _piece_region(param, spec, tp_rank)
@@ -123,7 +124,8 @@ def _fill(model: nn.Module, reader: _Reader) -> None:
         if lengths != list(target.shape):
             target.zero_()  # vocabulary padding
         if all(lengths):
-            target[_index((0, length) for length in lengths)].copy_(reader.read(key, region))
+            values = reader.read(key, region)
+            target[_index((0, length) for length in lengths)].copy_(values if dtype is None else values.to(dtype))
     for name, buffer in model.named_buffers():
         if name in reader.files:
             buffer.copy_(reader.read(name))

@@ -2,14 +2,15 @@
 
 `save_pretrained` walks the model's state dict one tensor at a time: every split parameter is
 all-gathered over its tp group (`sharding.gather_full` drops replicated pieces and vocabulary
-padding; at ZeRO-3 the dp shards are gathered first) and handed to a writer, which appends it
-to its current safetensors file and starts a new file once `max_shard_size` is reached. So a
-writer holds at most `max_shard_size` plus one tensor, never the whole model. The writer is
-rank 0, or with pipeline parallelism each stage's first rank (dp, sp and tp index 0), which
-writes only its stages' tensors. A tied LM head is written once, as the input embedding (as HF
-does). At the end rank 0 numbers every file HF's way (`model-00001-of-0000N.safetensors` with
-one index mapping every tensor to its file, or a single `model.safetensors`) and writes
-config.json and the generation config, so the directory loads with `from_pretrained` and no
+padding; at ZeRO-3 the dp shards are gathered first, and fp32 master shards cast to the model's
+dtype) and handed to a writer, which appends it to its current safetensors file and starts a
+new file once `max_shard_size` is reached. So a writer holds at most `max_shard_size` plus one
+tensor, never the whole model. The writer is rank 0, or with pipeline parallelism each stage's
+first rank (dp, sp and tp index 0), which writes only its stages' tensors. A tied LM head is
+written once, as the input embedding (as HF does). At the end rank 0 numbers every file HF's
+way (`model-00001-of-0000N.safetensors` with one index mapping every tensor to its file, or a
+single `model.safetensors`) and writes config.json (the model's dtype: `model.sf_param_dtype`
+at ZeRO-3) and the generation config, so the directory loads with `from_pretrained` and no
 shardformer. Weight files of an earlier save in the directory are removed first.
 
 It succeeds on every rank or raises on every rank: rank 0 first checks that it can write the
@@ -39,6 +40,7 @@ def _full_tensors(model: torch.nn.Module, keep: bool = True):
     held between steps."""
     group = model.sf_mesh.get_group("tp")
     specs = {name: spec for name, _, spec in sharded_parameters(model)}
+    dtype = getattr(model, "sf_param_dtype", None)  # ZeRO-3: the model's dtype (its shards may be fp32 masters)
     first: dict[int, str] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) in first:
@@ -47,6 +49,8 @@ def _full_tensors(model: torch.nn.Module, keep: bool = True):
         first[id(tensor)] = name
         spec = specs.get(name)
         whole = whole_over_dp(tensor.detach())  # ZeRO-3: the whole tensor over dp first
+        if dtype is not None and name in specs and whole.is_floating_point():
+            whole = whole.to(dtype)
         gathered = whole if spec is None else gather_full(whole, spec, group)
         yield name, (gathered if keep else None), name  # on its device: the caller moves it to the CPU
 
@@ -168,7 +172,8 @@ def _name_files(model, directory, parts) -> None:
         with open(os.path.join(directory, _INDEX), "w") as f:
             json.dump(index, f, indent=2)
     model.config.architectures = [type(model).__name__.removeprefix("FSDP")]  # ZeRO-3: FSDP2 renames the class
-    floating = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    floating = getattr(model, "sf_param_dtype", None) or next(
+        (p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if floating is not None:  # what from_pretrained(dtype="auto") restores, as HF's save writes it
         model.config.dtype = floating
     model.config.save_pretrained(directory)

@@ -3,9 +3,14 @@
 Two reductions, with plain DDP semantics: every backward adds exactly its own reduced gradient
 to `.grad`, with or without `no_sync()`, with or without `zero_grad()` in between.
   * Partial copies (`ShardSpec.partial`: KV heads replicated over tp, each copy seeing only its
-    own query heads): the gradient of *this backward* is summed over the copies' group by a hook
-    on the parameter, before it is accumulated into `.grad`. This is model-parallel math, so it
-    runs under `no_sync()` too; summing `.grad` itself would count earlier backwards again.
+    own query heads; split_gather's norm weights, each copy seeing only its tokens): the
+    gradient of *this backward* is summed over the copies' group by a hook on the tensor, before
+    it is accumulated into `.grad`. This is model-parallel math, so it runs under `no_sync()`
+    too; summing `.grad` itself would count earlier backwards again. The hook goes on the tensor
+    the owning module holds under the parameter's name, at setup and, at ZeRO-3, again before
+    each of the module's forwards when that tensor is a new one (once per tensor: a checkpointed
+    forward run again finds it hooked). So it also reaches the tensor autograd sees under ZeRO-3, where FSDP2
+    swaps in its unsharded parameter (one object, kept across steps) for forward and backward.
   * Data parallelism: every parameter is averaged over the dp group (sum, then / dp), bucketed
     and overlapped with backward as DDP does; with sequence parallelism over the dp x sp group
     (`ParallelGroups.data`: gradients inside the sequence split arrive scaled by sp, so this mean
@@ -24,10 +29,12 @@ receives the mean of only its own piece of each parameter's flat gradient (the p
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..comm import reduce_scatter_into
 from ..mesh import ParallelGroups
@@ -73,13 +80,11 @@ class GradReducer:
         dp = groups.data_size if reduce_data else 1  # dp x sp
         by_dtype: dict = {}
         self._handles = []
+        self._summed = WeakIdKeyDictionary()  # tensor -> handle of its sum hook
         self.trainable = {id(p) for p in model.parameters() if p.requires_grad}  # what the hooks cover
+        self._watch_partial(model, groups, swapped=not reduce_data)
         for _, param, spec in reversed(list(sharded_parameters(model))):
-            if not param.requires_grad:
-                continue
-            if spec.partial and spec.replicas > 1:
-                self._handles.append(param.register_hook(_sum_over(groups.block(spec.replicas))))
-            if dp > 1:
+            if param.requires_grad and dp > 1:
                 by_dtype.setdefault(param.dtype, []).append(param)
         cap = int(bucket_mb * 2**20)
         self.buckets: list[_Bucket] = []
@@ -98,6 +103,29 @@ class GradReducer:
         self._handles += [p.register_post_accumulate_grad_hook(self._on_grad)
                           for bucket in self.buckets for p in bucket.params]
 
+    def _watch_partial(self, model: torch.nn.Module, groups: ParallelGroups, swapped: bool) -> None:
+        """Sum hooks for the partial parameters of every module (see module docstring); with
+        `swapped` (ZeRO-3: FSDP2 swaps its unsharded parameters in) also before each forward.
+        Otherwise the parameter stays the same tensor, and a forward pre-hook would only cost a
+        graph break under torch.compile."""
+        for module in model.modules():
+            names = {name: groups.block(spec.replicas) for name, spec in getattr(module, "sf_shard_specs", {}).items()
+                     if spec.partial and spec.replicas > 1 and getattr(module, name) is not None
+                     and getattr(module, name).requires_grad}
+            if names:
+                self._hook_partial(module, names=names)
+            if names and swapped:
+                self._handles.append(module.register_forward_pre_hook(functools.partial(self._hook_partial,
+                                                                                        names=names)))
+
+    def _hook_partial(self, module: torch.nn.Module, *_, names: dict) -> None:
+        """Register the sum hook on each tensor `module` holds now under `names` (name -> group),
+        once per tensor."""
+        for name, group in names.items():
+            tensor = getattr(module, name)
+            if tensor.requires_grad and tensor not in self._summed:
+                self._summed[tensor] = tensor.register_hook(_sum_over(group))
+
     def uncovered(self, model: torch.nn.Module) -> list[str]:
         """Names of parameters made trainable after this reducer was built (they would be neither
         reduced nor summed: `forward_backward` refuses them)."""
@@ -110,9 +138,9 @@ class GradReducer:
 
     def remove(self):
         """Detach every gradient hook (the gradients are then no longer reduced)."""
-        for handle in self._handles:
+        for handle in [*self._handles, *self._summed.values()]:
             handle.remove()
-        self._handles = []
+        self._handles, self._summed = [], WeakIdKeyDictionary()
 
     def _add_bucket(self, params, group, dp):
         bucket = _Bucket(params, group, dp)

@@ -15,10 +15,16 @@ parameter's master weight and optimizer state (plus at most n - 1 padding entrie
   * `step()`: the wrapped optimizer steps on the fp32 master pieces, then each bucket of updated
     pieces is all-gathered into the model's parameters (cast to their dtype).
 Mixed precision: bf16 / fp16 parameters keep fp32 masters; fp16 adds dynamic loss scaling
-(`forward_backward` multiplies the loss by the scale; an inf or nan in any rank's gradient
-skips the step on every rank and halves the scale, which doubles again after `growth_interval`
-good steps). The wrapped optimizer must be element-wise (its update of each entry depends only
-on that entry): checked once by stepping it on a tensor whole and in two pieces.
+(`forward_backward` multiplies the loss by the scale, with pipelines each microbatch's loss;
+an inf or nan in any rank's gradient skips the step on every rank and halves the scale, which
+doubles again after `growth_interval` good steps). The wrapped optimizer must be element-wise
+(its update of each entry depends only on that entry): checked once by stepping it on a tensor
+whole and in two pieces.
+Stage 3: FSDP2 holds the shards (fp32 masters for a bf16 / fp16 model, see `zero3.py`); the
+wrapper steps the wrapped optimizer on them and clips; with fp16 it scales the loss, agrees on
+an overflow over the world and unscales the gradients' local shards in place before clipping
+and the step, and a step (taken or skipped) then drops them, so that unscaled values never mix
+with the next backward's scaled ones.
 """
 from __future__ import annotations
 
@@ -28,8 +34,8 @@ import logging
 import torch
 import torch.distributed as dist
 
-from ..comm import agree_on_failure, all_gather_into
-from ..grad_clip import clip_gradients
+from ..comm import agree_on_failure, all_gather_into, comm_device
+from ..grad_clip import clip_grad_norm_, clip_gradients
 from ..sharding import gather_full, local, sharded_parameters, split_tensor
 
 logger = logging.getLogger("shardformer")
@@ -98,12 +104,12 @@ def _probe_elementwise(optimizer) -> int:
 
 class ZeroOptimizer:
     """Wraps `optimizer` (built on `model.parameters()`) for `ShardConfig.zero_stage` 1 or 2; at
-    stage 3 (FSDP2 shards the weights) it only steps, clips and saves through the model.
+    stage 3 (FSDP2 shards the weights) it steps, clips, saves and scales fp16 losses.
 
     Args:
         optimizer: an element-wise torch optimizer over every trainable parameter of `model`,
             before its first step.
-        model: a model returned by `sf.shard_model` with `zero_stage` 1 or 2.
+        model: a model returned by `sf.shard_model` with `zero_stage` 1, 2 or 3.
         stage: optional; must equal `model.sf_config.zero_stage`.
         bucket_size_mb: size of the all-gather buckets after `step()` (the gradient buckets are
             the model's reducer's).
@@ -124,8 +130,11 @@ class ZeroOptimizer:
         agree_on_failure(error, None, "sf.ZeroOptimizer")
         self.inner, self.model, self.stage = optimizer, model, model.sf_config.zero_stage
         model.sf_zero = self
+        self.scale, self.growth_interval, self._good_steps = float(initial_scale), growth_interval, 0
+        self._prepared, self.found_inf = False, False
         if self.stage == 3:  # FSDP2 holds the shards: the wrapper steps, clips and saves through it
-            self.fp16, self.found_inf, self.params = False, False, list(model.parameters())
+            self.params = list(model.parameters())
+            self.fp16 = getattr(model, "sf_param_dtype", None) == torch.float16
             return
         cpu_offload = model.sf_config.cpu_offload if cpu_offload is None else cpu_offload
         self.cpu_offload, self.bucket_bytes = cpu_offload, int(bucket_size_mb * 2 ** 20)
@@ -139,9 +148,6 @@ class ZeroOptimizer:
         self.copies = {id(p): spec.replicas * spec.stage_copies for _, p, spec in sharded_parameters(model)}
         self.pieces: dict[int, torch.Tensor] = {}  # stage 2: accumulated reduced gradient pieces
         self.fp16 = any(p.dtype == torch.float16 for p in self.params)
-        self.scale, self.growth_interval, self._good_steps = float(initial_scale), growth_interval, 0
-        self._prepared = False
-        self.found_inf = False
         if self.stage == 2 and model.sf_grad_reducer.active:
             model.sf_grad_reducer.scatter_to(self.layout, self._receive)
         if dist.get_rank() == 0:
@@ -178,10 +184,6 @@ class ZeroOptimizer:
         if config.zero_stage == 3 and not all(hasattr(p, "to_local") for p in params):
             raise ValueError("sf.ZeroOptimizer at stage 3: the optimizer holds unsharded tensors (was it built while "
                              "FSDP held the parameters gathered, e.g. right after a forward without backward?)")
-        fp16 = any(p.dtype == torch.float16 for p in model.parameters())
-        if fp16 and (model.sf_pipeline is not None or config.zero_stage == 3):
-            raise ValueError("fp16 loss scaling with ShardConfig.pp_size > 1 or ShardConfig.zero_stage=3 is not "
-                             "supported; use bf16")
         return 0 if config.zero_stage == 3 else _probe_elementwise(optimizer)
 
     def _master(self, p: torch.Tensor, device) -> torch.Tensor:
@@ -213,28 +215,25 @@ class ZeroOptimizer:
         return None if p.grad is None else self.layout.piece(p.grad.reshape(-1), p).to(torch.float32, copy=True)
 
     def _prepare(self) -> None:
-        """Put this rank's gradient pieces on the masters (unscaled); fp16: agree on overflow."""
+        """Put this rank's gradient pieces on the masters (stage 3: FSDP's shards are them); fp16:
+        agree on overflow, then unscale."""
         if self._prepared:
             return
-        for p in self.params:
-            g = self._gradient_piece(p)
-            master = self.masters[id(p)]
-            master.grad = None if g is None else g.to(master.device)
+        if self.stage == 3:
+            unscale = held = [local(p.grad) for p in self.params if p.grad is not None]
+        else:
+            for p in self.params:
+                g = self._gradient_piece(p)
+                master = self.masters[id(p)]
+                master.grad = None if g is None else g.to(master.device)
+            unscale = [m.grad for m in self.masters.values() if m.grad is not None]
+            held = unscale + [p.grad for p in self.params if p.grad is not None]  # stage 1: whole local ones
         if self.fp16:
-            held = [p.grad for p in self.params if p.grad is not None]  # stage 1: the whole local gradients
-            held += [m.grad for m in self.masters.values() if m.grad is not None]
-            local = any(not bool(torch.isfinite(g).all()) for g in held)
-            flag = torch.tensor([float(local)], device=self.layout_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # the world: every stage and replica agrees
-            self.found_inf = bool(flag.item())
+            self.found_inf = _overflow_anywhere(held)
             if not self.found_inf:
-                for m in self.masters.values():
-                    if m.grad is not None:
-                        m.grad.mul_(1.0 / self.scale)
+                for g in unscale:
+                    g.mul_(1.0 / self.scale)
         self._prepared = True
-
-    def layout_device(self) -> torch.device:
-        return self.params[0].device if self.params else torch.device("cpu")
 
     @property
     def loss_scale(self) -> float:
@@ -244,11 +243,11 @@ class ZeroOptimizer:
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip by the global norm of the unsharded model's gradient (every rank's pieces, each
         entry counted once over tp, sp, pp and dp); returns it. Every rank must call it."""
-        if self.stage == 3:
-            return self.model.clip_grad_norm_(max_norm, norm_type)
         self._prepare()
         if self.found_inf:
             return torch.tensor(float("inf"))
+        if self.stage == 3:  # FSDP's gradient shards are disjoint over dp (x sp)
+            return clip_grad_norm_(self.model, max_norm, 1, norm_type)
         entries = [(m.grad, self.copies.get(id(p), 1)) for p in self.params
                    for m in (self.masters[id(p)],) if m.grad is not None]
         return clip_gradients(entries, max_norm, 1, norm_type)
@@ -260,9 +259,6 @@ class ZeroOptimizer:
         overflow anywhere skips the step everywhere (returns None)."""
         if closure is not None:
             raise ValueError("sf.ZeroOptimizer.step does not take a closure")
-        if self.stage == 3:
-            self.inner.step()
-            return None
         self._prepare()
         self._prepared = False
         if self.found_inf:  # skipped: its gradients are dropped as a step's would be consumed
@@ -277,10 +273,15 @@ class ZeroOptimizer:
             self._good_steps += 1
             if self._good_steps % self.growth_interval == 0:
                 self.scale *= 2.0
-        self._gather_parameters()
+        if self.stage < 3:
+            self._gather_parameters()
         return None
 
     def _drop_gradients(self) -> None:
+        if self.stage == 3:  # fp16: the (unscaled) shards must not meet the next backward's scaled ones
+            if self.fp16:
+                self.model.zero_grad(set_to_none=True)
+            return
         self.pieces.clear()
         for m in self.masters.values():
             m.grad = None
@@ -311,11 +312,7 @@ class ZeroOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the model's gradients, this rank's pieces and the masters' gradients."""
         self.model.zero_grad(set_to_none=True)
-        if self.stage == 3:
-            return
-        self.pieces.clear()
-        for m in self.masters.values():
-            m.grad = None
+        self._drop_gradients()
         self._prepared = False
 
     # ------------------------------------------------------------------ state
@@ -326,9 +323,10 @@ class ZeroOptimizer:
     def state_dict(self) -> dict:
         """This rank's state (resume on the same layout): the wrapped optimizer's state over the
         master pieces, the master pieces themselves and the loss scale (stage 3: the wrapped
-        optimizer's state over this rank's FSDP shards)."""
+        optimizer's state over this rank's FSDP shards, and the loss scale)."""
         if self.stage == 3:
-            return {"inner": self.inner.state_dict(), "layout": {"stage": 3}}
+            return {"inner": self.inner.state_dict(), "scale": self.scale, "good_steps": self._good_steps,
+                    "layout": {"stage": 3}}
         return {"inner": self.inner.state_dict(), "masters": [self.masters[id(p)].clone() for p in self.params],
                 "scale": self.scale, "good_steps": self._good_steps,
                 "layout": {"stage": self.stage, "ranks": self.layout.size, "rank": self.layout.rank,
@@ -353,6 +351,8 @@ class ZeroOptimizer:
             if state.get("layout") != {"stage": 3}:
                 raise ValueError("sf.ZeroOptimizer.load_state_dict: the state was saved on another layout")
             self.inner.load_state_dict(state["inner"])
+            # (a stage-3 state saved before it carried the loss scale keeps this wrapper's)
+            self.scale, self._good_steps = float(state.get("scale", self.scale)), int(state.get("good_steps", 0))
             return
         expected = {"stage": self.stage, "ranks": self.layout.size, "rank": self.layout.rank,
                     "pieces": [self.layout.piece_size(p) for p in self.params]}
@@ -365,6 +365,14 @@ class ZeroOptimizer:
             for p, saved in zip(self.params, state["masters"]):
                 self.masters[id(p)].copy_(saved)
         self.scale, self._good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+def _overflow_anywhere(grads) -> bool:
+    """Whether any rank of the world (every stage and replica) holds an inf or nan in `grads`."""
+    mine = any(not bool(torch.isfinite(g).all()) for g in grads)
+    flag = torch.tensor([float(mine)], device=comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _whole(zero: ZeroOptimizer, piece: torch.Tensor, p: torch.Tensor, spec) -> torch.Tensor:

@@ -19,9 +19,18 @@ storage), and filled through `local_region`: which rows of the tensor-parallel p
 holds (FSDP2's `Shard(0)`: `torch.chunk` semantics, ceil(rows / dp) rows per rank, the last
 ranks fewer or none).
 
-Refused at setup (ValueError): pipeline parallelism, and parameters whose gradient is partial
-over tp (KV heads replicated when tp exceeds them, split_gather's norm weights): their extra
-gradient sums are not wired into FSDP's reduction yet.
+Partial gradients over tp (KV heads replicated when tp exceeds them, split_gather's norm
+weights) are summed over their copies by the reducer's hooks, which reach FSDP's unsharded
+parameters (see `reducer.py`): each backward's gradient is summed before FSDP accumulates and
+reduce-scatters it.
+
+Mixed precision: a model in bf16 or fp16 (its dtype recorded as `model.sf_param_dtype`, which
+`model.dtype`, `save_pretrained` and `full_state_dict` report) gets fp32 parameters before
+sharding, so FSDP's shards are the fp32 master weights the optimizer steps; FSDP2's
+`MixedPrecisionPolicy` casts them to the model's dtype for the all-gather and compute and
+reduce-scatters gradients in fp32. fp16 loss scaling is `sf.ZeroOptimizer`'s.
+
+Refused at setup (ValueError): pipeline parallelism.
 """
 from __future__ import annotations
 
@@ -36,12 +45,6 @@ def plan_zero3(config, tp_plan) -> None:
     if config.pp_size > 1:
         raise ValueError(f"ShardConfig.zero_stage=3 with ShardConfig.pp_size={config.pp_size} is not supported: use "
                          "zero_stage 1 or 2 with pipelines")
-    if config.sp_mode == "split_gather":
-        raise ValueError("ShardConfig.zero_stage=3 with ShardConfig.sp_mode='split_gather' is not supported yet (its "
-                         "norm weights' gradients are partial over tp): use all_to_all or ring, or zero_stage 1 or 2")
-    if tp_plan.block_sizes:
-        raise ValueError(f"ShardConfig.zero_stage=3 with ShardConfig.tp_size={config.tp_size} larger than the model's "
-                         "KV heads (model.config.num_key_value_heads; they are replicated) is not supported yet")
 
 
 def local_region(tensor: torch.Tensor) -> list[tuple[int, int]]:
@@ -69,6 +72,22 @@ def local_region(tensor: torch.Tensor) -> list[tuple[int, int]]:
     return region
 
 
+def fp32_masters(model: nn.Module):
+    """Record the model's dtype (`sf_param_dtype`); for bf16 / fp16 make every floating
+    parameter fp32 (buffers keep theirs) and return FSDP2's policy computing in that dtype with
+    fp32 gradient reduction. Returns the default policy for an fp32 model. Local."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    model.sf_param_dtype = dtype
+    if dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(torch.float32)
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
 def apply_zero3(model: nn.Module, layers: nn.ModuleList, groups, cpu_offload: bool) -> None:
     """Shard `model`'s weights over the dp axis (see module docstring). Collective-free setup."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
@@ -77,11 +96,12 @@ def apply_zero3(model: nn.Module, layers: nn.ModuleList, groups, cpu_offload: bo
     if groups.size("sp") > 1:  # sequence parallelism: shard and average over dp x sp (the data group)
         mesh = groups.mesh["dp", "sp"]._flatten("dp_sp")
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    policies = dict(mesh=mesh, offload_policy=offload, mp_policy=fp32_masters(model))
     for layer in layers:
-        fully_shard(layer, mesh=mesh, offload_policy=offload)
+        fully_shard(layer, **policies)
     # the root too is resharded after each forward: a forward without backward (evaluation,
     # generate) must not leave the embedding / head gathered for an optimizer built after it
-    fully_shard(model, mesh=mesh, offload_policy=offload, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True, **policies)
 
 
 @contextlib.contextmanager

@@ -7,8 +7,10 @@ stage shapes (no shape-inference forward, no metadata exchange). The first stage
 per-microbatch keyword arguments (each stage feeds them to HF's forward, which builds its own
 mask and rotary embeddings). The loss of a microbatch is its token-loss sum over the whole batch's
 target count, and `scale_grads=False`, so gradients and the summed loss are the full batch's
-mean exactly. A schedule is built per microbatch shape (sequence lengths may change between
-steps; torch's stages fix their buffers' shapes at the first step) and the last few are kept.
+mean exactly. With fp16 loss scaling (`sf.ZeroOptimizer`) backward starts from each
+microbatch's loss times the scale, while the step still returns the unscaled loss. A schedule is
+built per microbatch shape (sequence lengths may change between steps; torch's stages fix their
+buffers' shapes at the first step) and the last few are kept.
 
 `eval_step(batch)` runs the same stages forward only, microbatch by microbatch in stage order
 with point-to-point send / recv (torch 2.13's zero-bubble schedule cannot run forward only).
@@ -36,11 +38,6 @@ PIPELINE_KWARGS = ("attention_mask", "position_ids", "labels")
 IGNORE_INDEX = -100
 
 
-def _loss_is_output(output, target):
-    """The last stage already returns its microbatch's loss."""
-    return output
-
-
 def target_count(labels: torch.Tensor) -> torch.Tensor:
     """How many next-token targets the batch has (HF's shift: the first position predicts none)."""
     return (labels[..., 1:] != IGNORE_INDEX).sum()
@@ -66,6 +63,7 @@ class PipelineRunner:
         self.hidden_size = hidden_size
         self._schedules: OrderedDict = OrderedDict()
         self._tied_before = None
+        self._scale, self._losses = 1.0, []  # this step's loss scale; its microbatches' unscaled losses
 
     @property
     def has_first(self) -> bool:
@@ -123,12 +121,18 @@ class PipelineRunner:
                                         output_args=outputs, group=self.group))
         cls = _SCHEDULES[self.plan.schedule]
         single = self.plan.schedule in ("gpipe", "1f1b")
-        schedule = cls(stages[0] if single else stages, self.plan.microbatches, loss_fn=_loss_is_output,
+        schedule = cls(stages[0] if single else stages, self.plan.microbatches, loss_fn=self._loss,
                        scale_grads=False)
         self._schedules[key] = schedule
         if len(self._schedules) > _KEEP_SCHEDULES:
             self._schedules.popitem(last=False)
         return schedule
+
+    def _loss(self, output, target):
+        """The schedule's loss: the last stage's output (its microbatch's loss), kept unscaled, times
+        this step's loss scale (backward starts from it)."""
+        self._losses.append(output.detach().float())
+        return output * self._scale if self._scale != 1.0 else output
 
     def _start(self, batch: dict) -> tuple[torch.Tensor, dict]:
         ids = batch["input_ids"]
@@ -152,9 +156,10 @@ class PipelineRunner:
         dist.all_reduce(local, group=self.group)
         return local
 
-    def train_step(self, batch: dict) -> torch.Tensor:
-        """One forward + backward over all microbatches; returns the loss this rank holds (the
-        last stage's, else 0): call `finish` once every rank got here."""
+    def train_step(self, batch: dict, loss_scale: float = 1.0) -> torch.Tensor:
+        """One forward + backward over all microbatches, backward from the losses times
+        `loss_scale`; returns the (unscaled) loss this rank holds (the last stage's, else 0): call
+        `finish` once every rank got here."""
         if self.tied_group is not None:
             param = self.tied_param
             self._tied_before = None if param.grad is None else param.grad.clone()
@@ -163,10 +168,9 @@ class PipelineRunner:
         ids, kwargs = self._start(batch)
         mb = ids.shape[0] // self.plan.microbatches
         schedule = self._schedule(mb, ids.shape[1])
-        losses: list = []
-        schedule.step(*((ids,) if self.has_first else ()), target=batch["labels"], losses=losses,
-                      return_outputs=False, **kwargs)
-        return torch.stack([l.detach().float() for l in losses]).sum() if self.has_last else \
+        self._scale, self._losses = float(loss_scale), []
+        schedule.step(*((ids,) if self.has_first else ()), target=batch["labels"], return_outputs=False, **kwargs)
+        return torch.stack(self._losses).sum() if self.has_last else \
             torch.zeros((), dtype=torch.float32, device=self.device)
 
     @torch.no_grad()

@@ -15,13 +15,17 @@ Forward and backward are two custom ops (`shardformer::ring_attention[_backward]
 torch.compile records one opaque call per layer instead of breaking the graph at the
 point-to-point traffic; the zig-zag split and gather are a local reorder around the functional
 sequence split / gather of `comm.py`.
-The block op is aten's CPU flash attention; on other devices ring refuses (not tested there yet).
+The block op returns the log-sum-exp: aten's flash attention on the CPU, aten's memory-efficient
+attention on CUDA (every dtype, fp32 included; its log-sum-exp rows come padded to a multiple of 32,
+cut here and padded back for its backward); other devices are refused at setup (`plan_ulysses`).
+flash-attn is not used (it is installed on none of the machines this project is tested on).
 Causal training without padding or sliding window only: both are refused.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from ..comm import gather_seq, pad_to_multiple, split_seq
@@ -65,14 +69,29 @@ def zigzag_gather(x, dim, full, group, grad_scale=1.0):
 
 
 # ---------------------------------------------------------------------------- the ring
+DEVICES = ("cpu", "cuda")  # where a block op exists
+_LSE_ROWS = 32  # aten's memory-efficient attention pads each head's log-sum-exp to a multiple of this
+
+
 def _block(q, k, v, causal, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=None,
-                                                                     scale=scale)
+    """(output [B, H, Lq, D], log-sum-exp [B, H, Lq] fp32) of one block; q, k, v contiguous."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=None,
+                                                                         scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
+                                                                      scale=scale)[:2]
+    return out, lse[..., :q.shape[_SEQ]]
 
 
 def _block_backward(grad, q, k, v, out, lse, causal, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad, q, k, v, out, lse, 0.0, causal, attn_mask=None, scale=scale)
+    """(dq, dk, dv) of one block given the merged `out` and `lse` of its query rows."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, causal, attn_mask=None, scale=scale)
+    lse = F.pad(lse, (0, -lse.shape[-1] % _LSE_ROWS)).contiguous()  # the layout its forward returns
+    unused = torch.empty((), dtype=torch.int64)  # dropout 0: the random seed and offset are not read
+    return torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        grad, q, k, v, None, out, lse, unused, unused, 0.0, [True, True, True, False], causal, scale=scale)[:3]
 
 
 def _shift(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
@@ -199,9 +218,8 @@ _ring_op.register_autograd(_backward, setup_context=_setup_context)
 def ring_attention(q, k, v, group, scale=None):
     """Causal attention of zig-zag-placed q [B, H, 2L, D] and k, v [B, H_kv, 2L, D] over the ring
     (K/V travel with their own heads; each block repeats them for GQA)."""
-    if q.device.type != "cpu":
-        raise NotImplementedError("sp_mode='ring' runs its blocks with aten's CPU flash-attention op; "
-                                  f"{q.device.type} is not supported yet")
+    if q.device.type not in DEVICES:  # plan_ulysses refuses the model's device at setup already
+        raise ValueError(f"sp_mode='ring' has a block op on {DEVICES}, not on {q.device.type}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _ring_op(q.contiguous(), k.contiguous(), v.contiguous(), group.group_name, scale)[0]
 

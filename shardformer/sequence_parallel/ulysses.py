@@ -33,7 +33,7 @@ from torch import nn
 from ..comm import all_to_all, gather_from_group, pad_to_multiple, split_seq
 from ..mesh import ParallelGroups
 from .common import SequenceLength, layer_paths, resolve_final_norm, sequence_length, with_hidden_states
-from .ring import make_ring_attention, no_mask, zigzag_chunk, zigzag_split
+from .ring import DEVICES as RING_DEVICES, make_ring_attention, no_mask, zigzag_chunk, zigzag_split
 
 SEQ_DIM = 1  # hidden states [batch, sequence, hidden]
 _HEADS, _ATTN_SEQ = 1, 2  # q, k, v as attention functions take them: [batch, heads, sequence, dim]
@@ -67,6 +67,10 @@ def plan_ulysses(model: nn.Module, policy, tp_plan, config) -> UlyssesPlan:
         if window is not None and getattr(model.config, "use_sliding_window", True):
             raise ValueError(f"ShardConfig.sp_mode='ring' runs full causal attention; model.config.sliding_window="
                              f"{window} asks for a sliding window (use sp_mode='all_to_all')")
+        device = next((p.device.type for p in model.parameters()), "cpu")
+        if device not in RING_DEVICES + ("meta",):
+            raise ValueError(f"ShardConfig.sp_mode='ring' has a block attention op on {RING_DEVICES}; the model's "
+                             f"parameters are on {device} (use sp_mode='all_to_all')")
         return UlyssesPlan("ring", layers, list(tp_plan.attention_attrs), sp, 1, 0)
     if "flash" in inner or inner not in ALL_MASK_ATTENTION_FUNCTIONS:
         raise ValueError(f"ShardConfig.sp_mode='all_to_all' wraps the model's attention, which must be 'sdpa', "
