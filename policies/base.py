@@ -66,6 +66,9 @@ class Policy:
             all-reduce of its gradient in backward) instead of once per linear.
         query_projections / kv_projections: which of `column_parallel` carry query heads and
             key/value heads (KV heads are replicated when tp exceeds their number).
+        tp_partial: modules in each layer whose parameters stay whole on every tp rank but see
+            only this rank's heads (e.g. per-head q / k norms): their gradients are summed over
+            the tp group.
         attention: the attention module in each layer.
         attention_local_attrs: attributes of the attention module to rewrite with the per-rank
             value; values are "q_heads", "kv_heads" or "groups" (q heads per KV head).
@@ -92,6 +95,7 @@ class Policy:
     tp_input_copies: FrozenDict = FrozenDict()
     query_projections: tuple[str, ...] = ()
     kv_projections: tuple[str, ...] = ()
+    tp_partial: tuple[str, ...] = ()
     attention: str = "self_attn"
     attention_local_attrs: FrozenDict = FrozenDict()
     num_heads_attr: str = "num_attention_heads"

@@ -3,7 +3,7 @@ evenly into a multiple of 4, 8 query heads so tp in {1, 2, 4} all divide them.""
 import torch
 from transformers import (
     LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel,
-    MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
 DIMS = dict(vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -13,6 +13,7 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "llama-model": (LlamaConfig, LlamaModel),
     "llama-seqcls": (LlamaConfig, LlamaForSequenceClassification),
 }

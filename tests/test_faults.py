@@ -8,7 +8,6 @@ import os
 import tempfile
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import shardformer as sf

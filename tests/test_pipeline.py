@@ -16,10 +16,10 @@ CLIP = 0.05  # well below the gradient norm of these batches (~2-4): clipping is
 
 
 def check_pipeline(pp, schedule, microbatches, tied, tp=1, layers=4, rows_per_rank=8, steps=2, seq=12,
-                   save_to=None, stage_layers=None, checkpointing=False, sp_mode=None):
+                   save_to=None, stage_layers=None, checkpointing=False, sp_mode=None, family="llama"):
     """Shard a copy of the reference with pp (x tp x dp), train `steps` AdamW steps with clipping
     on this dp rank's rows, compare loss, gradients and weights with the reference on all rows."""
-    ref = build("llama", tied=tied, num_hidden_layers=layers)
+    ref = build(family, tied=tied, num_hidden_layers=layers)
     cfg = sf.ShardConfig(pp_size=pp, tp_size=tp, pp_schedule=schedule, num_microbatches=microbatches,
                          pp_stage_layers=stage_layers, gradient_checkpointing=checkpointing, sp_mode=sp_mode)
     model = sf.shard_model(copy.deepcopy(ref), config=cfg)

@@ -14,6 +14,7 @@ from functools import partial
 from torch import nn
 
 from ..comm import copy_to_group
+from ..sharding import ShardSpec, record_specs
 from .embedding import VocabParallelEmbedding
 from .linear import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
 from .loss import LOSSES
@@ -41,6 +42,10 @@ def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, policy, gr
         handles[owner] = model.get_submodule(owner).register_forward_hook(_copy_output_to(group))
         for path in linears:
             model.get_submodule(path).copy_input = False
+    for path in plan.partial_modules:  # whole on every rank, each rank's gradient from its own heads
+        module = model.get_submodule(path)
+        record_specs(module, **{name: ShardSpec(0, 0, 1, plan.tp, partial=True)
+                                for name, _ in module.named_parameters(recurse=False)})
     for path, attrs in plan.attention_attrs.items():
         attention = model.get_submodule(path)
         for attr, value in attrs.items():

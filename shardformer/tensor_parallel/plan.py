@@ -23,6 +23,7 @@ class TensorParallelPlan:
     kinds: dict[str, str] = field(default_factory=dict)  # linear path -> "column" | "row"
     attention_attrs: dict[str, dict[str, int]] = field(default_factory=dict)  # module path -> attrs
     input_copies: dict[str, list[str]] = field(default_factory=dict)  # producer path -> linear paths
+    partial_modules: list[str] = field(default_factory=list)  # whole on every rank, gradients summed over tp
     vocab_spec: ShardSpec | None = None
 
     @property
@@ -117,6 +118,14 @@ def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPla
             if any(plan.kinds[t] != "column" for t in targets) or not set(linears) <= set(policy.column_parallel):
                 raise policy.entry_error("tp_input_copies", owner, "must list column_parallel entries only")
             plan.input_copies[prefix + owner] = targets
+        for entry in policy.tp_partial:
+            try:
+                policy.resolve(layer, entry, f"{layers_path}.{i}", "tp_partial")
+            except ValueError:
+                if entry in policy.optional:
+                    continue
+                raise
+            plan.partial_modules.append(prefix + entry)
         attention = policy.resolve(layer, policy.attention, f"{layers_path}.{i}", "attention")
         local = {"q_heads": heads // tp, "kv_heads": kv_heads // kv_shards}
         local["groups"] = local["q_heads"] // local["kv_heads"]
