@@ -8,11 +8,11 @@ the PyTorch reference.
 import importlib.util
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-packages = ["shardformer", "shardformer.tensor_parallel", "shardformer.sequence_parallel", "shardformer.data_parallel",
-            "shardformer.checkpoint", "shardformer.kernels", "shardformer.policies"]
+# every package under shardformer/ (a new one cannot be forgotten), plus policies/ installed as shardformer.policies
+packages = find_packages(include=["shardformer", "shardformer.*"]) + ["shardformer.policies"]
 kwargs = {}
 if os.environ.get("CUDA_EXT") == "1":
     from torch.utils.cpp_extension import BuildExtension
