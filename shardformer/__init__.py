@@ -7,6 +7,7 @@ from .checkpoint import (full_state_dict, init_model, load_checkpoint, load_pret
 from .config import ShardConfig
 from .data_parallel import ZeroOptimizer
 from .mesh import build_mesh
+from .policies import infer_policy
 from .sequence_parallel.batch import split_batch
 
 
@@ -23,6 +24,7 @@ __all__ = [
     "ZeroOptimizer",
     "split_batch",
     "policies",
+    "infer_policy",
     "pipeline",
 ]
 __version__ = "0.1.0"

@@ -305,7 +305,7 @@ def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None 
     Args:
         model: an unmodified transformers model (from a config or `from_pretrained`).
         policy: a `shardformer.policies.Policy` (instance or class); None picks the registered
-            policy for `model.config.model_type`.
+            policy for `model.config.model_type`, else derives one with `sf.infer_policy` (logged).
         config: the parallel layout; default `ShardConfig()` (no model parallelism, all ranks dp).
 
     Raises ValueError at setup when the layout cannot be built. Every rank must call it; a
@@ -322,7 +322,12 @@ def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None 
             raise ValueError(f"shard_model(config=...) expects a shardformer.ShardConfig, got {type(config).__name__}")
         if getattr(model, "sf_mesh", None) is not None or isinstance(model, ShardedModelMixin):
             raise ValueError("this model is already sharded: shard_model may be applied once per model")
-        policy = _policies.get_policy(model) if policy is None else _policies.as_policy(policy)
+        if policy is None:  # the registered one, else one derived and checked (policies/infer.py)
+            policy, notice = _policies.registered_or_inferred(model, config.tp_size)
+            if notice and dist.get_rank() == 0:
+                logger.warning(notice)
+        else:
+            policy = _policies.as_policy(policy)
         plan = plan_layout(model, policy, config, world)
     except Exception as err:  # noqa: BLE001 - raised on every rank by the agreement below
         error = err

@@ -46,7 +46,7 @@ def plan_fused_kernels(model: nn.Module, policy, layers_path: str, base_path: st
         todo += [(f"{layers_path}.{i}", n, FusedRMSNorm.from_hf, "fused_norms") for n in policy.fused_norms]
         if policy.fused_mlp:
             todo.append((f"{layers_path}.{i}", policy.fused_mlp, FusedSwiGLUMLP.from_hf, "fused_mlp"))
-    if policy.final_norm:
+    if policy.final_norm and policy.fused_final_norm:
         todo.append((base_path.rstrip("."), policy.final_norm, FusedRMSNorm.from_hf, "final_norm"))
     found = []
     for root_path, relative, build, entry in todo:

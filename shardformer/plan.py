@@ -17,6 +17,7 @@ from .data_parallel.zero3 import plan_zero3
 from .mesh import check_world
 from .pipeline import PipelinePlan, plan_pipeline
 from .sequence_parallel import SplitGatherPlan, UlyssesPlan, plan_split_gather, plan_ulysses
+from .tensor_parallel.experts import check_family_layout
 from .tensor_parallel.plan import TensorParallelPlan, plan_tensor_parallel
 
 
@@ -37,6 +38,7 @@ def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) 
     """Validate `config` against the world and `model` with `policy`; see the module docstring."""
     dp = check_world(config, world_size)
     tp = plan_tensor_parallel(model, policy, config.tp_size)
+    check_family_layout(model, policy, config)
     if config.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(
             f"ShardConfig.gradient_checkpointing=True but {type(model).__name__}.supports_gradient_checkpointing is False"

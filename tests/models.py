@@ -1,9 +1,13 @@
 """Tiny model configs shared by the tests: GQA with 2 KV heads, a vocab (250) that no tp divides
-evenly into a multiple of 4, 8 query heads so tp in {1, 2, 4} all divide them."""
+evenly into a multiple of 4, 8 query heads so tp in {1, 2, 4} all divide them. A FAMILIES entry
+may carry a third element: config fields of that family on top of DIMS."""
 import torch
 from transformers import (
+    BertConfig, BertForMaskedLM, BertForSequenceClassification, MixtralConfig, MixtralForCausalLM,
+    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel,
     LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel,
-    MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+    MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    Qwen3Config, Qwen3ForCausalLM,
 )
 
 DIMS = dict(vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -16,15 +20,64 @@ FAMILIES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "llama-model": (LlamaConfig, LlamaModel),
     "llama-seqcls": (LlamaConfig, LlamaForSequenceClassification),
+    "phi3": (Phi3Config, Phi3ForCausalLM, dict(bos_token_id=1, eos_token_id=2)),
+    # eager attention: soft-capping runs there on every transformers version (5.17 defaults to sdpa,
+    # which ignores it); a 4-token window on 12-token sequences; soft caps near the logits' size
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(head_dim=8, sliding_window=4, attn_implementation="eager",
+                                                     attn_logit_softcapping=0.02, final_logit_softcapping=0.1)),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(head_dim=8, sliding_window=4, attn_implementation="eager",
+                                                         sliding_window_pattern=2)),  # sliding, full, ...
+    # multi-head attention (GPT-2 has no KV-head setting); dropout off so that runs compare
+    "gpt2": (GPT2Config, GPT2LMHeadModel, dict(n_inner=96, num_key_value_heads=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                               bos_token_id=1, eos_token_id=2)),
+    # 4 experts, 2 per token; experts_implementation stays HF's default (grouped_mm, eager on 5.17)
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=4, num_experts_per_tok=2)),
+    # multi-head encoder; dropout off so that runs compare
+    "bert": (BertConfig, BertForMaskedLM, dict(num_key_value_heads=None, hidden_dropout_prob=0.0,
+                                               attention_probs_dropout_prob=0.0)),
+    "bert-seqcls": (BertConfig, BertForSequenceClassification, dict(
+        num_key_value_heads=None, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)),
 }
+
+
+def _randomize(suffix: str):
+    """Parameters HF initialises to a constant 0 (Gemma's (1 + weight) norm weights, GPT-2's
+    biases) sit at about +-lr after one AdamW step, where the relative weight comparison would
+    measure Adam's conditioning instead of the sharding: start those ending in `suffix` at random
+    values (from the seeded stream: the same on every rank)."""
+
+    def prepare(model) -> None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(suffix):
+                    p.normal_(0.0, 0.1)
+
+    return prepare
+
+
+def _bert(model) -> None:
+    """Random biases (as GPT-2's), and the attention's key biases frozen: their gradient is zero in
+    exact arithmetic (softmax over the keys ignores a shift shared by every key), so both models'
+    are fp32 rounding noise of about 1e-9 and a relative comparison would measure only that."""
+    _randomize("bias")(model)
+    for name, p in model.named_parameters():
+        if name.endswith("attention.self.key.bias"):
+            p.requires_grad_(False)
+
+
+PREPARE = {"gemma2": _randomize("norm.weight"), "gemma3": _randomize("norm.weight"), "gpt2": _randomize(".bias"),
+           "bert": _bert, "bert-seqcls": _bert}
 
 
 def build(family: str, tied: bool = False, seed: int = 0, **overrides):
     """The same fp32 model on every rank (seeded init)."""
-    config_cls, model_cls = FAMILIES[family]
-    config = config_cls(**{**DIMS, "tie_word_embeddings": tied, **overrides})
+    config_cls, model_cls, *extra = FAMILIES[family]
+    config = config_cls(**{**DIMS, **(extra[0] if extra else {}), "tie_word_embeddings": tied, **overrides})
     torch.manual_seed(seed)
-    return model_cls(config).float()
+    model = model_cls(config).float()
+    if family in PREPARE:
+        PREPARE[family](model)
+    return model
 
 
 def batch(n: int, seq: int = 12, vocab: int = 250, seed: int = 1):
@@ -47,13 +100,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def grad_errors(model, ref) -> dict[str, float]:
-    """rel_err of each sharded parameter's gathered gradient against the unsharded `ref`'s (in fp32)."""
+    """rel_err of each sharded parameter's gathered gradient against the unsharded `ref`'s (in fp32);
+    a parameter with no gradient (frozen, or unused by the forward: untied BERT's
+    `cls.predictions.bias`) must have none in `ref` either."""
     from shardformer.sharding import gather_full
     from shardformer.sharding import sharded_parameters
 
     group, ref_params = model.sf_mesh.get_group("tp"), dict(ref.named_parameters(remove_duplicate=False))
+    unused = {name for name, p, _ in sharded_parameters(model) if p.grad is None}  # frozen, or not in the forward
+    assert all(ref_params[name].grad is None for name in unused), sorted(unused)
     return {name: rel_err(gather_full(p.grad, spec, group).float(), ref_params[name].grad.float())
-            for name, p, spec in sharded_parameters(model)}
+            for name, p, spec in sharded_parameters(model) if name not in unused}
 
 
 def step_and_compare_weights(errs: dict, step: int, model, ref, optimizers) -> None:

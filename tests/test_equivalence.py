@@ -31,7 +31,7 @@ def _loss(model, family, ids, labels):
         hidden = model(input_ids=ids).last_hidden_state
         probe = torch.randn(hidden.shape[-1], generator=torch.Generator().manual_seed(7))
         return (hidden * probe).mean()
-    if family == "llama-seqcls":
+    if family.endswith("-seqcls"):
         return model(input_ids=ids, labels=ids[:, 0] % 2).loss
     return model(input_ids=ids, labels=labels).loss
 
@@ -44,15 +44,19 @@ def check_equivalence(family, tp, tied=False, steps=1, gradient_checkpointing=Fa
     cfg = sf.ShardConfig(tp_size=tp, gradient_checkpointing=gradient_checkpointing, enable_fused_kernels=fused,
                          sp_mode=sp_mode, sp_size=sp)
     model = sf.shard_model(copy.deepcopy(ref), config=cfg)
-    layer = model.base_model.layers[0]
+    policy, layers = model.sf_policy, model.base_model.get_submodule(model.sf_policy.layers)
     substituted = fused and cuda.available()  # without the extension HF's modules stay (issue 13)
-    assert isinstance(layer.mlp, FusedSwiGLUMLP) == substituted
-    assert isinstance(layer.input_layernorm, FusedRMSNorm) == substituted
-    assert isinstance(model.base_model.norm, FusedRMSNorm) == substituted
+    if policy.fused_mlp:
+        assert isinstance(layers[0].get_submodule(policy.fused_mlp), FusedSwiGLUMLP) == substituted
+    for name in policy.fused_norms:
+        assert isinstance(layers[0].get_submodule(name), FusedRMSNorm) == substituted
+    if policy.final_norm:
+        final = model.base_model.get_submodule(policy.final_norm)
+        assert isinstance(final, FusedRMSNorm) == (substituted and policy.fused_final_norm)
     model.train(), ref.train()
     mesh = model.sf_mesh
     chunks = []  # the sequence length each decoder layer outputs: a chunk under sequence parallelism
-    model.base_model.layers[-1].register_forward_hook(lambda m, a, out: chunks.append(
+    layers[-1].register_forward_hook(lambda m, a, out: chunks.append(
         (out[0] if isinstance(out, tuple) else out).shape[1]))
     dp, dp_rank = mesh["dp"].size(), mesh.get_local_rank("dp")
     mine = slice(rows_per_rank * dp_rank, rows_per_rank * (dp_rank + 1))
@@ -70,7 +74,7 @@ def check_equivalence(family, tp, tied=False, steps=1, gradient_checkpointing=Fa
             dist.all_reduce(loss, group=mesh.get_group("dp"))
             loss /= dp
         else:
-            loss = model.forward_backward(input_ids=ids[mine], labels=labels[mine]) if family != "llama-seqcls" \
+            loss = model.forward_backward(input_ids=ids[mine], labels=labels[mine]) if not family.endswith("-seqcls") \
                 else model.forward_backward(input_ids=ids[mine], labels=ids[mine, 0] % 2)
         split = {"split_gather": tp, "all_to_all": sp, "ring": 2 * sp}.get(sp_mode, 1)
         per_rank = -(-seq // split) * (2 if sp_mode == "ring" else 1)  # ring: two zig-zag chunks

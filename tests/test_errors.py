@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import OPTConfig, OPTForCausalLM
 
 import shardformer as sf
 from shardformer import comm, mesh
@@ -75,8 +75,10 @@ def check_setup_errors():
     model = build("llama")  # 8 heads, 2 KV heads, world of 2
     _expect_value_error(model, sf.ShardConfig(tp_size=3), "ShardConfig.tp_size=3",
                         "torch.distributed.get_world_size()=2")
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    msg = _expect_value_error(gpt2, sf.ShardConfig(tp_size=2), "model.config.model_type='gpt2'", "llama",
+    # an architecture with no policy (GPT-2 has one now)
+    opt = OPTForCausalLM(OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=32,
+                                   word_embed_proj_dim=16, vocab_size=50))
+    msg = _expect_value_error(opt, sf.ShardConfig(tp_size=2), "model.config.model_type='opt'", "llama",
                               "register_policy")
     _expect_value_error(copy.deepcopy(model), sf.ShardConfig(tp_size=2), "MissingEntryPolicy.column_parallel",
                         "mlp.no_such_proj", policy=MissingEntryPolicy())

@@ -51,7 +51,8 @@ def _full_value(module: nn.Module, attr: str, shape, std: float, gen: torch.Gene
         return torch.zeros(shape)
     if "Norm" in kind:
         return torch.ones(shape)
-    if isinstance(module, nn.Linear) or kind in ("ColumnParallelLinear", "RowParallelLinear", "VocabParallelLMHead"):
+    if isinstance(module, (nn.Linear, nn.Embedding)) or kind in ("ColumnParallelLinear", "RowParallelLinear",
+                                                                 "VocabParallelLMHead"):
         return torch.empty(shape).normal_(0.0, std, generator=gen)
     raise ValueError(f"sf.init_model cannot initialise {kind}.{attr} independently of the layout; build the model "
                      "whole and call shard_model")

@@ -4,8 +4,8 @@ The model is built on the meta device (no memory), sharded by `shard_model` (ten
 and pipeline parallelism see only shapes), then materialised empty on the device, parameter by
 parameter (tied parameters stay one tensor), and each local parameter is filled from the
 safetensors files with `safe_open(...).get_slice`: a tensor-parallel piece reads only its rows
-or columns (`ShardSpec.start` / `valid`; vocabulary padding stays zero), a pipeline rank only
-its stages' tensors. With `ShardConfig(zero_stage=3)` FSDP2 shards the meta model too; it is
+or columns (`ShardSpec.runs`: one block, or one per part of a packed tensor; vocabulary
+padding stays zero), a pipeline rank only its stages' tensors. With `ShardConfig(zero_stage=3)` FSDP2 shards the meta model too; it is
 materialised with FSDP2's `to_empty` (parameter objects and ties kept) and each parameter's
 `to_local()` reads only its block: the dp (or dp x sp) chunk of the tensor-parallel piece's
 first dimension (`zero3.local_region`), crossed with the piece's rows or columns. So a rank's
@@ -94,19 +94,27 @@ class _Reader:
         return tensor
 
 
-def _piece_region(param: torch.Tensor, spec, tp_rank: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Where this rank's values of `param` come from: (the local tensor to write, (start, length)
-    per dimension of the unsharded tensor). The values land at the start of each dimension of
-    the local tensor; what lies beyond `length` is vocabulary padding (zero). The local tensor is
-    the parameter itself, or at ZeRO-3 its `to_local()` (this rank's dp chunk of the
-    tensor-parallel piece, `zero3.local_region`)."""
+def _piece_runs(param: torch.Tensor, spec, tp_rank: int) -> tuple[torch.Tensor, list]:
+    """Where this rank's values of `param` come from: (the local tensor to write, and per
+    contiguous run of real entries (`ShardSpec.runs`: one for a plain split, one per part of a
+    packed tensor) a pair (block of the local tensor, block of the unsharded tensor), each a
+    (start, length) per dimension). Entries no run covers are
+    vocabulary padding (zero). The local tensor is the parameter itself, or at ZeRO-3 its
+    `to_local()` (this rank's dp chunk of the tensor-parallel piece, `zero3.local_region`)."""
     from ..data_parallel.zero3 import local_region
 
     region = local_region(param)  # in the tensor-parallel piece
-    if spec.split:  # piece index i is unsharded index spec.start + i, real below spec.valid
-        first, length = region[spec.dim]
-        region[spec.dim] = (spec.start(tp_rank) + first, max(0, min(first + length, spec.valid(tp_rank)) - first))
-    return local(param), region
+    if not spec.split:
+        return local(param), [([(0, n) for _, n in region], region)]
+    first, length = region[spec.dim]
+    pairs = []
+    for offset, start, n in spec.runs(tp_rank, first, length):
+        mine = [(0, size) for _, size in region]
+        mine[spec.dim] = (offset, n)
+        theirs = list(region)
+        theirs[spec.dim] = (start, n)
+        pairs.append((mine, theirs))
+    return local(param), pairs
 
 
 def _index(region) -> tuple[slice, ...]:
@@ -119,13 +127,13 @@ def _fill(model: nn.Module, reader: _Reader) -> None:
     dtype = getattr(model, "sf_param_dtype", None)  # ZeRO-3: fp32 masters hold values of the model's dtype
     for name, param, spec in sharded_parameters(model):
         key = name if name in reader.files else _tied_key(model, name, reader)
-        target, region = _piece_region(param, spec, tp_rank)
-        lengths = [length for _, length in region]
-        if lengths != list(target.shape):
+        target, pairs = _piece_runs(param, spec, tp_rank)
+        if spec.split and sum(mine[spec.dim][1] for mine, _ in pairs) < target.shape[spec.dim]:
             target.zero_()  # vocabulary padding
-        if all(lengths):
-            values = reader.read(key, region)
-            target[_index((0, length) for length in lengths)].copy_(values if dtype is None else values.to(dtype))
+        for mine, theirs in pairs:
+            if all(n for _, n in theirs):
+                values = reader.read(key, theirs)
+                target[_index(mine)].copy_(values if dtype is None else values.to(dtype))
     for name, buffer in model.named_buffers():
         if name in reader.files:
             buffer.copy_(reader.read(name))

@@ -74,6 +74,10 @@ def plan_pipeline(model: nn.Module, policy, tp_plan, config) -> PipelinePlan:
                          "yet: use sp_mode='split_gather' (on the tp group) with pipelines")
     if policy.final_norm is None:
         raise policy.entry_error("final_norm", None, "must name the final norm for pipeline parallelism")
+    if policy.position_embedding is not None:
+        raise policy.entry_error("position_embedding", policy.position_embedding,
+                                 f"(learned positions added to inputs_embeds) is not supported with ShardConfig.pp_size="
+                                 f"{pp} yet: a later stage fed hidden states would add them again")
     layers = model.get_submodule(tp_plan.layers_path)
     final_norm = tp_plan.base_path + policy.final_norm
     policy.resolve(model, final_norm, name, "final_norm")

@@ -129,7 +129,7 @@ def _linears_hook(length: SequenceLength, group, linears: list):
 
     def hook(module, args, output):
         gathered, *outs = _GatheredLinears.apply(output, length.full, group, len(linears),
-                                                 *[lin.weight for lin in linears], *[lin.bias for lin in linears])
+                                                 *[lin.linear_weight for lin in linears], *[lin.bias for lin in linears])
         for linear, out in zip(linears, outs):
             linear.sf_precomputed = (gathered, out)
         return gathered

@@ -58,6 +58,10 @@ def plan_ulysses(model: nn.Module, policy, tp_plan, config) -> UlyssesPlan:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     tp, sp = config.tp_size, config.sp_size
+    if policy.whole_sequence_output:
+        raise policy.entry_error("whole_sequence_output", True, f"(the base model reshapes its final hidden states to "
+                                 f"the whole sequence) is not supported with ShardConfig.sp_mode={config.sp_mode!r} "
+                                 "yet, which keeps them a sequence chunk; use sp_mode='split_gather'")
     inner = model.config._attn_implementation or "eager"
     layers = layer_paths(model, tp_plan)
     if tp_plan.head_path is None:

@@ -5,7 +5,8 @@ to the unsharded one), and the vocab-parallel loss is installed through the mode
 `loss_function` hook. No collective runs here.
 
 No HF forward is replaced: attention, decoder layers and the model run their own code on the
-local heads (HF reshapes with -1 heads; `attention_local_attrs` fixes the per-rank counts).
+local heads (HF reshapes with -1 heads; `attention_local_attrs` fixes the per-rank counts, and
+`attention_local_config` those an attention reads from its config, through a `LocalConfig`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from torch import nn
 from ..comm import copy_to_group
 from ..sharding import ShardSpec, record_specs
 from .embedding import VocabParallelEmbedding
+from .experts import apply_experts
 from .linear import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
+from .local_config import LocalConfig
 from .loss import LOSSES
 from .plan import TensorParallelPlan
 
@@ -28,6 +31,17 @@ def _copy_output_to(group):
         return copy_to_group(output, group)
 
     return hook
+
+
+def _repoint(model: nn.Module, old, new) -> None:
+    """Other modules holding the replaced head's `old` Parameter (BERT's `cls.predictions.bias`
+    is its decoder's bias) hold this rank's `new` piece instead."""
+    if old is None:
+        return
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is old:
+                module._parameters[name] = new
 
 
 def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, policy, group, tp_rank: int) -> dict:
@@ -46,20 +60,26 @@ def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, policy, gr
         module = model.get_submodule(path)
         record_specs(module, **{name: ShardSpec(0, 0, 1, plan.tp, partial=True)
                                 for name, _ in module.named_parameters(recurse=False)})
+    for path, specs in plan.experts.items():
+        apply_experts(model.get_submodule(path), specs, group, tp_rank)
     for path, attrs in plan.attention_attrs.items():
         attention = model.get_submodule(path)
         for attr, value in attrs.items():
             setattr(attention, attr, value)
+    for path, overrides in plan.attention_config.items():
+        model.get_submodule(path).config = LocalConfig(model, overrides)
 
     embedding = VocabParallelEmbedding.from_embedding(
-        model.get_submodule(plan.embedding_path), plan.vocab_spec, group, tp_rank
+        model.get_submodule(plan.embedding_path), plan.vocab_spec, group, tp_rank, scale=plan.embedding_scale
     )
     policy.replace(model, plan.embedding_path, embedding)
     if plan.head_path is not None:
         shared = embedding.weight if plan.tied else None
-        head = VocabParallelLMHead.from_linear(
-            model.get_submodule(plan.head_path), plan.vocab_spec, group, tp_rank, weight=shared
-        )
+        old = model.get_submodule(plan.head_path)
+        head = VocabParallelLMHead.from_linear(old, plan.vocab_spec, group, tp_rank, weight=shared)
+        head.gathers = policy.gathered_lm_head
         policy.replace(model, plan.head_path, head)
-        model.loss_function = partial(LOSSES[policy.loss], head=head)
+        _repoint(model, old.bias, head.bias)
+        if not policy.gathered_lm_head:
+            model.loss_function = partial(LOSSES[policy.loss], head=head)
     return handles

@@ -4,6 +4,8 @@ The table [V, H] is split on V (rows), zero-padded to a multiple of tp; rank r h
 tokens [vocab_start, vocab_start + V_pad / tp). Token ids outside that range look up zeros.
     forward: all-reduce (sum) of the partial lookups over the tp group
     backward: identity on dL/dy, no collective (each rank's rows get the gradient of their tokens)
+With `scale` (Gemma's scaled word embedding) the sum is multiplied by it, in the output's dtype
+as HF does (`embed_scale.to(weight.dtype)`).
 """
 from __future__ import annotations
 
@@ -21,9 +23,14 @@ class VocabParallelEmbedding(nn.Module):
     `padding_idx` keeps nn.Embedding's meaning: that row receives no gradient.
     """
 
-    def __init__(self, weight: nn.Parameter, spec: ShardSpec, group, tp_rank: int, padding_idx: int | None):
+    def __init__(self, weight: nn.Parameter, spec: ShardSpec, group, tp_rank: int, padding_idx: int | None,
+                 scale: float | None = None):
         super().__init__()
-        self.weight, self.group = weight, group
+        self.weight, self.group, self.scale = weight, group, scale
+        # HF multiplies by an fp32 buffer cast to the weight's dtype: the same number, per dtype
+        self._scales = {} if scale is None else {
+            dtype: torch.tensor(scale).to(dtype).item() for dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                                                       torch.float16)}
         self.vocab_start = spec.start(tp_rank)
         self.num_embeddings, self.embedding_dim = spec.full, weight.shape[1]
         self.padding_idx = padding_idx
@@ -42,8 +49,9 @@ class VocabParallelEmbedding(nn.Module):
                 )
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, spec: ShardSpec, group, tp_rank: int):
-        return cls(split_parameter(emb.weight, spec, tp_rank), spec, group, tp_rank, emb.padding_idx)
+    def from_embedding(cls, emb: nn.Embedding, spec: ShardSpec, group, tp_rank: int, scale: float | None = None):
+        """`scale`: the fp32 number HF multiplies the lookup by (None: none)."""
+        return cls(split_parameter(emb.weight, spec, tp_rank), spec, group, tp_rank, emb.padding_idx, scale)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # nn.Embedding raises on an out-of-range id; a vocab slice would silently look up zeros.
@@ -53,8 +61,11 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
         out = F.embedding(local.masked_fill(outside, 0), self.weight, self._local_padding_idx)
-        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_group(out, self.group)
+        out = reduce_from_group(out.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
+        if self.scale is None:
+            return out
+        return out * self._scales[out.dtype]
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]} of {self.num_embeddings} rows from {self.vocab_start}, dim={self.embedding_dim}"
+        scale = "" if self.scale is None else f", scale={self.scale:g}"
+        return f"{self.weight.shape[0]} of {self.num_embeddings} rows from {self.vocab_start}, dim={self.embedding_dim}{scale}"

@@ -1,8 +1,11 @@
-"""Tensor-parallel linear layers (Megatron-style), built from an existing `nn.Linear`.
+"""Tensor-parallel linear layers (Megatron-style), built from an existing `nn.Linear` or
+transformers' `Conv1D` (GPT-2).
 
-`y = x W^T + b` with `W` of shape [out, in].
+`y = x W^T + b` with `W` of shape [out, in]; a `Conv1D` stores `W^T` ([in, out], `transposed`:
+its split dimensions below are swapped, and it is computed with `addmm` as HF does).
 
-ColumnParallelLinear splits `out` (W rows and b): rank r computes y[..., out_r].
+ColumnParallelLinear splits `out` (W rows and b): rank r computes y[..., out_r]; for a packed
+W (`ShardSpec.parts`: fused q/k/v or gate/up), out_r is rank r's share of every part, in order.
     forward: identity on x, no collective (output stays split on the last dim)
     backward: all-reduce (sum) of dL/dx over the tp group (skipped with `copy_input=False`,
               when the producer of x already did it once for several linears)
@@ -16,12 +19,35 @@ RowParallelLinear splits `in` (W columns); its input is already split on the las
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..comm import copy_to_group, gather_from_group, reduce_from_group, scatter_seq
 from ..sharding import ShardSpec, record_specs, split_parameter
+
+
+def weight_layout(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(in_features, out_features, transposed) of an `nn.Linear`, or of transformers' `Conv1D`
+    (weight [in, out], `transposed` True); None for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf, True
+    return None
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """x W^T + b, with W stored as [in, out] when `transposed` (HF's Conv1D: addmm)."""
+    if not transposed:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    y = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
+    return y.view(*x.shape[:-1], weight.shape[1])
 
 
 class ColumnParallelLinear(nn.Module):
@@ -38,16 +64,25 @@ class ColumnParallelLinear(nn.Module):
     sf_precomputed = None
     sequence_input = None
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: ShardSpec, group):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: ShardSpec, group,
+                 transposed: bool = False):
         super().__init__()
-        self.weight, self.bias, self.group = weight, bias, group
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        record_specs(self, weight=spec, **({"bias": spec} if bias is not None else {}))
+        self.weight, self.bias, self.group, self.transposed = weight, bias, group, transposed
+        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if transposed else \
+            (weight.shape[1], weight.shape[0])
+        record_specs(self, weight=spec, **({"bias": _bias_spec(spec)} if bias is not None else {}))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group, tp_rank: int):
-        return cls(split_parameter(linear.weight, spec, tp_rank), split_parameter(linear.bias, spec, tp_rank),
-                   spec, group)
+    def from_linear(cls, linear: nn.Module, spec: ShardSpec, group, tp_rank: int):
+        """From an `nn.Linear` or a `Conv1D` (`spec` splits the output dimension of its weight)."""
+        transposed = weight_layout(linear)[2]
+        return cls(split_parameter(linear.weight, spec, tp_rank),
+                   split_parameter(linear.bias, _bias_spec(spec), tp_rank), spec, group, transposed)
+
+    @property
+    def linear_weight(self) -> torch.Tensor:
+        """The weight as `nn.Linear` holds it, [out, in] (a view for a Conv1D's [in, out])."""
+        return self.weight.t() if self.transposed else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pending, self.sf_precomputed = self.sf_precomputed, None
@@ -57,7 +92,7 @@ class ColumnParallelLinear(nn.Module):
             x = self.sequence_input(x)
         elif self.copy_input:
             x = copy_to_group(x, self.group)
-        return F.linear(x, self.weight, self.bias)
+        return _matmul(x, self.weight, self.bias, self.transposed)
 
     def extra_repr(self) -> str:
         spec = self.sf_shard_specs["weight"]
@@ -69,18 +104,21 @@ class RowParallelLinear(nn.Module):
 
     sequence_dim: int | None = None
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: ShardSpec, group):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: ShardSpec, group,
+                 transposed: bool = False):
         super().__init__()
-        self.weight, self.bias, self.group = weight, bias, group
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight, self.bias, self.group, self.transposed = weight, bias, group, transposed
+        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if transposed else \
+            (weight.shape[1], weight.shape[0])
         record_specs(self, weight=spec)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group, tp_rank: int):
-        return cls(split_parameter(linear.weight, spec, tp_rank), linear.bias, spec, group)
+    def from_linear(cls, linear: nn.Module, spec: ShardSpec, group, tp_rank: int):
+        """From an `nn.Linear` or a `Conv1D` (`spec` splits the input dimension of its weight)."""
+        return cls(split_parameter(linear.weight, spec, tp_rank), linear.bias, spec, group, weight_layout(linear)[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = _matmul(x, self.weight, None, self.transposed)
         if self.sequence_dim is None:
             y = reduce_from_group(y, self.group)
         else:
@@ -90,6 +128,11 @@ class RowParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         spec = self.sf_shard_specs["weight"]
         return f"in={self.in_features} of {spec.full}, out={self.out_features}, bias={self.bias is not None}"
+
+
+def _bias_spec(spec: ShardSpec) -> ShardSpec:
+    """A column-parallel bias is split as its weight's output dimension, its only one."""
+    return spec if spec.dim == 0 else dataclasses.replace(spec, dim=0)
 
 
 class VocabParallelLMHead(ColumnParallelLinear):
@@ -119,17 +162,24 @@ class VocabParallelLMHead(ColumnParallelLinear):
     # the head then returns its input, the hidden states, in place of the logits, and the loss is
     # computed from them chunk by chunk by `fused_causal_lm_loss` (full logits never exist).
     returns_hidden = False
+    # `Policy.gathered_lm_head`: the model computes its own loss from the logits (BERT's masked LM),
+    # so forward gathers them to the full vocabulary (backward: keep this rank's slice).
+    gathers = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.returns_hidden:
             return x
         logits = super().forward(x)
+        if self.gathers:
+            return self.gather_logits(logits)
         if self.vocab_valid < self.out_features:
             logits = logits[..., : self.vocab_valid]
         return logits
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits from this rank's slice (used for outputs without labels)."""
+        if logits.shape[-1] == self.vocab_size and self.gathers:
+            return logits  # already gathered in forward
         pad = self.out_features - logits.shape[-1]
         if pad:
             logits = F.pad(logits, (0, pad))

@@ -2,7 +2,8 @@
 
 `run_forward(model, hf_forward, args, kwargs)` is what the sharded model's `forward` runs:
   * fused loss: in training with `labels` (grad enabled, `return_dict` not False,
-    `logits_to_keep` 0) and a policy with `fused_lm_loss`, the loss arguments are taken out of
+    `logits_to_keep` 0) and a policy with `fused_lm_loss` (and none of its `logit_transforms`
+    set, none of its `loss_terms` true in the model's config), the loss arguments are taken out of
     the call (so transformers computes no loss), the vocab-parallel LM head returns its input
     for this one call, and `fused_causal_lm_loss(hidden, head, labels, ...)` computes the loss
     from it chunk by chunk; the output has `loss` set and `logits=None`.
@@ -39,7 +40,9 @@ def accepts_return_dict(fn) -> bool:
 def _fused_loss_applies(model, head, kwargs) -> bool:
     return (head is not None and model.sf_fused_lm_loss and kwargs.get("labels") is not None
             and model.training and torch.is_grad_enabled() and not _wants_tuple(model, kwargs)
-            and kwargs.get("logits_to_keep", 0) == 0)
+            and kwargs.get("logits_to_keep", 0) == 0
+            and all(getattr(model.config, attr, None) is None for attr in model.sf_policy.logit_transforms)
+            and not any(getattr(model.config, attr, False) for attr in model.sf_policy.loss_terms))
 
 
 def run_forward(model, hf_forward, args: tuple, kwargs: dict, takes_return_dict: bool = True, sequence=None):
