@@ -8,10 +8,14 @@ mask and positions for 8 tokens, captured by a pre-hook that stops the model the
   * as `tp` simulated ranks, one thread each, with the policy's split exactly as the engine
     plans it (`plan_tensor_parallel` specs, `split_tensor` pieces, per-rank head attributes):
     column linears with the identity forward / all-reduce backward on their input, row linears
-    all-reducing their partial products in forward, the all-reduces done between the threads.
+    all-reducing their partial products in forward (`nn.Linear` or `Conv1D`), stacked experts
+    cut per expert with their inputs handed to the group and their output all-reduced, the
+    all-reduces done between the threads.
 Every rank's output and input gradient must equal the unsharded block's, and every parameter's
 gradient, merged as the engine merges it (split pieces concatenated, KV replicas and
-`tp_partial` copies summed), too (relative error <= 1e-4; a wrong split is off by order one).
+`tp_partial` copies summed), too (relative error <= 1e-4, a gradient measured against at least
+1e-3 of the block's largest gradient entry, so that one zero up to rounding is no failure; a
+wrong split is off by order one).
 A whole parameter whose per-rank gradients only sum to the unsharded one sees only this rank's
 features (Apertus' activation parameters): its module becomes `tp_partial`.
 No collective and no change to the model: the ranks are copies of the block sharing its
@@ -30,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from shardformer.tensor_parallel.linear import _bias_spec, weight_layout
+
 from .infer import inference_error as _fail
-from .simulated_tp import CopyToGroup, RankLinear, SimulatedGroup
+from .simulated_tp import CopyToGroup, RankLinear, SimulatedGroup, rank_experts
 
 TOL = 1e-4
 SEQ = 8
@@ -112,7 +118,8 @@ def _copy_sharing(layer: nn.Module) -> nn.Module:
 
 class _Consumers(TorchFunctionMode):
     """Records, for each watched tensor (a module's output), what reads its values: the path
-    of a linear reading it as input, or the op's name."""
+    of a linear reading it as input (`F.linear`, or `Conv1D`'s addmm on a view of it), or the
+    op's name; views of a watched tensor are watched in its place."""
 
     def __init__(self, linears: dict[int, str]):
         super().__init__()
@@ -127,16 +134,21 @@ class _Consumers(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", str(func))
-        if name not in _METADATA:
-            flat = list(args) + list(kwargs.values())
-            for i, a in enumerate(flat):
-                path = self.watched.get(id(a)) if torch.is_tensor(a) else None
-                if path is None:
-                    continue
-                weight = flat[1] if len(flat) > 1 else None
-                linear = self.linears.get(id(weight)) if func is F.linear and i == 0 else None
-                self.uses[path].add(linear or f"op {name}")
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if name in _METADATA:
+            return out
+        flat = list(args) + list(kwargs.values())
+        for i, a in enumerate(flat):
+            path = self.watched.get(id(a)) if torch.is_tensor(a) else None
+            if path is None:
+                continue
+            if name in ("view", "reshape") and i == 0:
+                self.watch(path, out)
+                continue
+            weight = flat[1] if func is F.linear and i == 0 else flat[2] if func is torch.addmm and i == 1 else None
+            linear = self.linears.get(id(weight)) if weight is not None else None
+            self.uses[path].add(linear or f"op {name}")
+        return out
 
 
 def _run(block, call, probe, watch=None):
@@ -154,10 +166,10 @@ def _derive_copies(layer, call, probe, column: set[str]):
     """The unsharded block's run, and {module: column linears} for modules whose output is
     read only as the input of column-parallel linears."""
     block = _copy_sharing(layer)
-    linears = {id(m.weight): name for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    linears = {id(m.weight): name for name, m in block.named_modules() if weight_layout(m) is not None}
     mode = _Consumers(linears)
     handles = [m.register_forward_hook(lambda mod, a, out, path=name: mode.watch(path, out))
-               for name, m in block.named_modules() if name and not isinstance(m, nn.Linear)]
+               for name, m in block.named_modules() if name and weight_layout(m) is None]
     try:
         with mode:
             ref = _run(block, call, probe)
@@ -169,9 +181,11 @@ def _derive_copies(layer, call, probe, column: set[str]):
     return ref, copies
 
 
-def _rel(a, b) -> float:
+def _rel(a, b, floor: float = 0.0) -> float:
+    """max |a - b| relative to max |b|, or to `floor` when larger (a gradient that is zero up to
+    rounding, e.g. a key bias's under softmax, is compared at the scale of the block's gradients)."""
     a = torch.zeros_like(b) if a is None else a
-    denom = b.abs().max().item()
+    denom = max(b.abs().max().item(), floor)
     diff = (a - b).abs().max().item()
     return diff if denom == 0 else diff / denom
 
@@ -190,6 +204,7 @@ def check_block(model: nn.Module, policy, tp_size: int):
     """`policy` with `tp_input_copies` and derived `tp_partial` entries, checked on the first
     decoder block at `check_tp(tp_size)` simulated ranks. ValueError otherwise."""
     from shardformer.sharding import merge_pieces
+    from shardformer.tensor_parallel.local_config import LocalConfig
     from shardformer.tensor_parallel.plan import plan_tensor_parallel
 
     model = probe_model(model)
@@ -203,6 +218,10 @@ def check_block(model: nn.Module, policy, tp_size: int):
     if param.device.type != "cpu" or param.dtype != torch.float32:
         layer, call = copy.deepcopy(layer).to("cpu", torch.float32), _to_probe(call)
     specs = {p[len(prefix):]: (plan.kinds[p], s) for p, s in plan.specs.items() if p.startswith(prefix)}
+    experts = {p[len(prefix):]: e for p, e in plan.experts.items() if p.startswith(prefix)}
+    split_params = {f"{path}.weight": spec for path, (_, spec) in specs.items()}
+    split_params |= {f"{path}.bias": _bias_spec(spec) for path, (kind, spec) in specs.items() if kind == "column"}
+    split_params |= {f"{path}.{name}": spec for path, params in experts.items() for name, spec in params.items()}
     column = {p for p, (kind, _) in specs.items() if kind == "column"}
     hidden = (call[0][0] if call[0] else call[1]["hidden_states"])
     probe = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0))
@@ -212,6 +231,7 @@ def check_block(model: nn.Module, policy, tp_size: int):
         raise _fail(f"{where} ({type(layer).__name__}) did not run unsharded: {_where(err)}") from err
     policy = dataclasses.replace(policy, tp_input_copies=copies)
     attrs = plan.attention_attrs.get(prefix + policy.attention, {})
+    local_config = plan.attention_config.get(prefix + policy.attention)
     group, results, errors = SimulatedGroup(tp), [None] * tp, [None] * tp
 
     def rank_main(rank):
@@ -221,10 +241,14 @@ def check_block(model: nn.Module, policy, tp_size: int):
             for path, (kind, spec) in specs.items():
                 linear = RankLinear(layer.get_submodule(path), kind, spec, group, rank, path not in copied)
                 policy.replace(block, path, linear)
+            for path, params in experts.items():
+                rank_experts(block.get_submodule(path), params, group, rank)
             for owner in copies:
                 block.get_submodule(owner).register_forward_hook(lambda m, a, out: CopyToGroup.apply(out, group, rank))
             for attr, value in attrs.items():
                 setattr(block.get_submodule(policy.attention), attr, value)
+            if local_config:
+                block.get_submodule(policy.attention).config = LocalConfig(model, local_config)
             results[rank] = _run(block, call, probe)
         except BaseException as err:  # noqa: BLE001 - reported below, naming the op
             errors[rank] = err
@@ -240,22 +264,28 @@ def check_block(model: nn.Module, policy, tp_size: int):
     if first is not None:
         raise _fail(f"{where} ({type(layer).__name__}) failed with the derived {policy.name} at tp={tp}: "
                     f"{_where(first)}") from first
-    return _compare(policy, ref, results, specs, merge_pieces, where, tp)
+    return _compare(policy, ref, results, split_params, merge_pieces, where, tp)
 
 
 def _where(err: BaseException) -> str:
-    """The error and the op (innermost frame) that raised it."""
+    """The error and the op (innermost frame of the model's code) that raised it."""
+    import os
+
+    import shardformer
+
+    ours = (os.path.dirname(__file__), os.path.dirname(shardformer.__file__))
     frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
-    model_frames = [f for f in frames if f.filename != __file__ and "/torch/" not in f.filename]
+    model_frames = [f for f in frames if not f.filename.startswith(ours) and "/torch/" not in f.filename]
     frame = (model_frames or frames or [None])[-1]
     op = f" in {frame.name} ({frame.filename.rpartition('/')[2]}:{frame.lineno}: {frame.line})" if frame else ""
     return f"{type(err).__name__}{op}: {err}"
 
 
-def _compare(policy, ref, results, specs, merge_pieces, where, tp):
+def _compare(policy, ref, results, split_params, merge_pieces, where, tp):
     """Every rank against the unsharded block (see module docstring); `policy` plus the modules
     found to hold per-rank partial gradients."""
     ref_out, ref_grads = ref
+    floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values() if g is not None)
     errs, partial = {}, set(policy.tp_partial)
     for rank, (out, _) in enumerate(results):
         errs[f"rank {rank}'s output"] = _rel(out, ref_out)
@@ -265,18 +295,17 @@ def _compare(policy, ref, results, specs, merge_pieces, where, tp):
             continue
         got = [grads[name] for _, grads in results]
         owner, _, leaf = name.rpartition(".")
-        linear = specs.get(owner)
-        if linear is not None and (linear[0] == "column" or leaf == "weight"):
-            spec = linear[1]
+        spec = split_params.get(name)
+        if spec is not None:
             zero = [torch.zeros_like(g) if g is None else g for g in got]
             pieces = [sum(zero[r - r % spec.replicas: r - r % spec.replicas + spec.replicas]) if spec.partial
                       else zero[r] for r in range(tp)]
-            errs[f"{name}'s gradient"] = _rel(merge_pieces(pieces, spec), want)
+            errs[f"{name}'s gradient"] = _rel(merge_pieces(pieces, spec), want, floor)
         elif owner in partial:
-            errs[f"{name}'s gradient (summed over tp)"] = _rel(sum(g for g in got if g is not None), want)
+            errs[f"{name}'s gradient (summed over tp)"] = _rel(sum(g for g in got if g is not None), want, floor)
         else:
-            each = max(_rel(g, want) for g in got)
-            if each > TOL and name != "<input>" and _rel(sum(g for g in got if g is not None), want) <= TOL:
+            each = max(_rel(g, want, floor) for g in got)
+            if each > TOL and name != "<input>" and _rel(sum(g for g in got if g is not None), want, floor) <= TOL:
                 derived.setdefault(owner, set()).add(leaf)
             else:
                 errs[f"{name}'s gradient" if name != "<input>" else "the input's gradient"] = each

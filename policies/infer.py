@@ -1,22 +1,31 @@
 """`infer_policy(model)`: a Policy derived for a model that has none, checked before use.
 
-Where the split comes from: the model config's `base_model_tp_plan` (transformers' own
-tensor-parallel hints), translated entry by entry:
-    "colwise" -> column_parallel, "rowwise" -> row_parallel,
-    "replicated_with_grad_allreduce" -> tp_partial (whole on every rank, gradients summed),
-    "embedding_rowwise" on the token embedding -> the vocab-parallel embedding (always used).
-Any other entry (packed or gathered projections, experts, MLA, local parameters, ...) is a
-ValueError naming it: never a guessed split. A model without a plan is a ValueError pointing to
-docs/policies.md (deriving a split by tracing a block is not built). Fused kernels are left off
-(`fused_*` unset, `fused_final_norm` False).
+Where the split comes from, in this order:
+  1. the model config's `base_model_tp_plan` (transformers' own tensor-parallel hints), when
+     every entry has a faithful translation:
+        "colwise" -> column_parallel, "rowwise" -> row_parallel,
+        "replicated_with_grad_allreduce" -> tp_partial (whole on every rank, gradients summed),
+        "embedding_rowwise" on the token embedding -> the vocab-parallel embedding (always used);
+  2. otherwise (no plan, or entries such as packed / gathered projections or experts), a
+     `torch.fx` trace of the first decoder block (`trace.py`, `split_rules.py`): matmuls with a
+     parameter reading the block's whole input and feeding another such matmul are column-
+     parallel, those reading split features are row-parallel, a column output cut along its
+     features packs parts (`packed`, sized by the config attributes matching each part), a
+     3-D experts parameter becomes an `experts` entry, and the view after a projection gives the
+     head size. An op the split cannot pass (a norm over all heads, a split value meeting the
+     residual stream) is a ValueError naming the block, the op and its source line.
+Fused kernels are left off (`fused_*` unset, `fused_final_norm` False).
 
-The rest comes from the model's structure: the embedding (`get_input_embeddings()`), the
+The rest comes from the model's structure: the embedding (`get_input_embeddings()`), learned
+positions (another embedding of the base model with `config.max_position_embeddings` rows), the
 decoder-layer list and final norm (`base_model_pp_plan`, else the ModuleList of
 `config.num_hidden_layers` and the base model's one norm child), the LM head
 (`get_output_embeddings()`), the attention module (the parent of the column-parallel linears
-that has a `head_dim`), which of its linears carry query and which key/value heads (their
-output sizes against `config.num_attention_heads / num_key_value_heads * head_dim`), and which
-int attributes of the attention count heads (named for heads or groups, valued as the config).
+that has a head size), which of its linears carry query and which key/value heads (their
+output sizes against `config.num_attention_heads / num_key_value_heads * head_dim`), which
+int attributes of the attention count heads (named for heads or groups, valued as the config)
+or, read in its forward, hold the query width, and (traced) which head counts it reads from its
+config in forward (`attention_local_config`).
 
 Then one decoder block is run (`block_check.py`): unsharded, and as tp simulated ranks in
 threads (`simulated_tp.py`) with this policy's split, forward and backward. That derives
@@ -45,6 +54,10 @@ def inference_error(what: str) -> ValueError:
                       f"subclass with @register_policy, or shard_model(model, policy=...); see {DOCS})")
 
 
+class DeriveFailure(Exception):
+    """Why one way of deriving the split (the tp plan, the trace) gave none."""
+
+
 def _path_of(root: nn.Module, module: nn.Module | None) -> str | None:
     return next((name for name, m in root.named_modules() if m is module), None) if module is not None else None
 
@@ -66,10 +79,14 @@ def _structure(model: nn.Module) -> dict:
                     f"model.config.num_hidden_layers={getattr(config, 'num_hidden_layers', None)})")
     layers = lists[0]
     after = list(pp_plan)[list(pp_plan).index(layers) + 1:] if layers in pp_plan else []
-    norms = [n for n in after if "norm" in n] or [n for n, _ in base.named_children() if "norm" in n.lower()]
+    norms = [n for n in after if "norm" in n] or [n for n, m in base.named_children()
+                                                  if "norm" in n.lower() or "Norm" in type(m).__name__]
     head = _path_of(model, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+    positions = [n for n, m in base.named_children() if isinstance(m, nn.Embedding) and n != embedding
+                 and m.num_embeddings == getattr(config, "max_position_embeddings", None)]
     return dict(embedding=embedding, layers=layers, lm_head=head or "lm_head",
-                final_norm=norms[0] if len(norms) == 1 else None)
+                final_norm=norms[0] if len(norms) == 1 else None,
+                position_embedding=positions[0] if len(positions) == 1 else None)
 
 
 def _translate_tp_plan(model: nn.Module, embedding: str, layers: str) -> dict[str, list[str]]:
@@ -77,9 +94,8 @@ def _translate_tp_plan(model: nn.Module, embedding: str, layers: str) -> dict[st
     plan = dict(getattr(model.config, "base_model_tp_plan", None) or {})
     prefix = f"{layers}.*."
     if not any(key.startswith(prefix) for key in plan):
-        raise inference_error(f"model.config.base_model_tp_plan has no entry for the decoder layers ({type(model).__name__}, "
-                    f"model_type={model.config.model_type!r}; plan: {plan or None}) and deriving a split by tracing "
-                    f"a block is not built, so model.base_model.{layers}.0 could not be split")
+        raise DeriveFailure(f"model.config.base_model_tp_plan has no entry for the decoder layers ({type(model).__name__}, "
+                    f"model_type={model.config.model_type!r}; plan: {plan or None})")
     found = {"column": [], "row": [], "partial": []}
     layer_list = model.base_model.get_submodule(layers)
     for key, style in plan.items():
@@ -88,7 +104,7 @@ def _translate_tp_plan(model: nn.Module, embedding: str, layers: str) -> dict[st
         entry = key[len(prefix):] if key.startswith(prefix) else None
         kind = {COLUMN: "column", ROW: "row", PARTIAL: "partial"}.get(style)
         if kind is None or entry is None or "*" in entry:
-            raise inference_error(f"model.config.base_model_tp_plan[{key!r}]={style!r} has no faithful translation "
+            raise DeriveFailure(f"model.config.base_model_tp_plan[{key!r}]={style!r} has no faithful translation "
                         f"(translated: {COLUMN!r}, {ROW!r} and {PARTIAL!r} inside {layers}.*, and "
                         f"'embedding_rowwise' on the token embedding)")
         modules = [layer.get_submodule(entry) for layer in layer_list if _has(layer, entry)]
@@ -96,8 +112,11 @@ def _translate_tp_plan(model: nn.Module, embedding: str, layers: str) -> dict[st
             continue  # the plan covers a variant of the architecture this model does not use
         if kind != "partial" and not all(type(m) is nn.Linear for m in modules):
             bad = next(type(m).__name__ for m in modules if type(m) is not nn.Linear)
-            raise inference_error(f"model.config.base_model_tp_plan[{key!r}]={style!r} names a {bad}, not an nn.Linear")
+            raise DeriveFailure(f"model.config.base_model_tp_plan[{key!r}]={style!r} names a {bad}, not an nn.Linear")
         found[kind].append(entry)
+    if not found["column"] or not found["row"]:
+        raise DeriveFailure(f"model.config.base_model_tp_plan splits no {'column' if not found['column'] else 'row'}-"
+                            f"parallel linear of this model's decoder layers (plan: {plan})")
     return found
 
 
@@ -109,44 +128,83 @@ def _has(module: nn.Module, path: str) -> bool:
         return False
 
 
-def _attention(model: nn.Module, layer: nn.Module, column: list[str]) -> dict:
-    """attention path, query / kv projections and the attention's per-rank head attributes."""
+def _attention(model: nn.Module, layer: nn.Module, column: list[str], traced=None) -> dict:
+    """attention path, query / kv projections and the attention's per-rank head attributes
+    (`traced`: a TracedSplit, whose head sizes, packed parts and attribute reads are used)."""
+    from shardformer.tensor_parallel.linear import weight_layout
+
     config = model.config
+    head_dims = traced.head_dims if traced else {}
+    packed = traced.packed if traced else {}
+
+    def head_dim_of(parent):
+        seen = {d for entry, d in head_dims.items() if entry.startswith(parent + ".")}
+        return seen.pop() if len(seen) == 1 else getattr(layer.get_submodule(parent), "head_dim", None)
+
     parents = sorted({c.rpartition(".")[0] for c in column if "." in c})
-    found = [p for p in parents if hasattr(layer.get_submodule(p), "head_dim")]
+    found = [p for p in parents if isinstance(head_dim_of(p), int)]
     if len(found) != 1:
-        raise inference_error(f"cannot tell the attention module among {parents} of model.base_model layers "
-                    f"(expected one parent of the column-parallel linears with a head_dim)")
+        raise DeriveFailure(f"cannot tell the attention module among {parents} of model.base_model layers "
+                    f"(expected one parent of the column-parallel linears with a head size)")
     path, attention = found[0], layer.get_submodule(found[0])
     heads = getattr(config, "num_attention_heads", None)
     if not isinstance(heads, int):
-        raise inference_error(f"model.config.num_attention_heads is {heads!r}")
+        raise DeriveFailure(f"model.config.num_attention_heads is {heads!r}")
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = attention.head_dim
+    head_dim = head_dim_of(path)
     query, kv = [], []
-    for entry in (c for c in column if c.startswith(path + ".")):
-        out, name = layer.get_submodule(entry).out_features, entry.rpartition(".")[2]
+    for entry in (c for c in column if c.startswith(path + ".") and c not in packed):
+        out, name = weight_layout(layer.get_submodule(entry))[1], entry.rpartition(".")[2]
         if out == kv_heads * head_dim and (kv_heads != heads or re.search(r"(^|_)(k|v|key|value)(_|$)", name)):
             kv.append(entry)
         elif out == heads * head_dim:
             query.append(entry)
         else:
-            raise inference_error(f"model.base_model layers' {entry} has {out} outputs: neither num_attention_heads={heads} "
-                        f"nor num_key_value_heads={kv_heads} times {type(attention).__name__}.head_dim={head_dim}")
-    if not query:
-        raise inference_error(f"no query projection found among the column-parallel linears of {path}")
+            raise DeriveFailure(f"model.base_model layers' {entry} has {out} outputs: neither num_attention_heads={heads} "
+                        f"nor num_key_value_heads={kv_heads} times the head size {head_dim}")
+    if not query and not any(p.startswith(path + ".") for p in packed):
+        raise DeriveFailure(f"no query projection found among the column-parallel linears of {path}")
     local = {}
+    reads = traced.trace.reads.get(path, set()) if traced else set()
     for attr, value in vars(attention).items():
-        if type(value) is not int or not HEAD_ATTR.match(attr):
+        if type(value) is not int:
             continue
-        what = "groups" if "group" in attr else "kv_heads" if re.search(r"kv|key_value", attr) else "q_heads"
-        want = {"groups": heads // kv_heads, "kv_heads": kv_heads, "q_heads": heads}[what]
-        if value != want:
-            raise inference_error(f"{type(attention).__name__}.{attr}={value} looks like a head count ({what}) but the "
-                        f"config says {want}")
-        local[attr] = what
+        if HEAD_ATTR.match(attr):
+            what = "groups" if "group" in attr else "kv_heads" if re.search(r"kv|key_value", attr) else "q_heads"
+            want = {"groups": heads // kv_heads, "kv_heads": kv_heads, "q_heads": heads}[what]
+            if value != want:
+                raise DeriveFailure(f"{type(attention).__name__}.{attr}={value} looks like a head count ({what}) but "
+                            f"the config says {want}")
+            local[attr] = what
+        elif attr in reads and value == heads * head_dim and not re.search(r"head_(dim|size)", attr):
+            local[attr] = "q_width"  # read in forward (GPT-2 splits its fused output at `split_size`)
+    config_reads = traced.trace.config_reads.get(path, set()) if traced else set()
+    local_config = {attr: what for attr, what in (("num_attention_heads", "q_heads"),
+                                                  ("num_key_value_heads", "kv_heads")) if attr in config_reads}
     return dict(attention=path, query_projections=tuple(query), kv_projections=tuple(kv),
-                attention_local_attrs=local)
+                attention_local_attrs=local, attention_local_config=local_config)
+
+
+def _packed_attrs(config, entry: str, widths: tuple[int, ...], head_dim: int | None) -> tuple[str, ...]:
+    """The config attributes sizing each part of a packed projection: head counts for parts of
+    whole heads (`head_dim` given: inside the attention), else the attribute valued as the part
+    (`intermediate_size` first)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    names = []
+    for width in widths:
+        if head_dim and width == heads * head_dim:
+            names.append("num_attention_heads")
+        elif head_dim and width == kv_heads * head_dim:
+            names.append("num_key_value_heads")
+        else:
+            same = sorted((attr for attr, value in config.to_dict().items() if type(value) is int and value == width),
+                          key=lambda attr: ("intermediate" not in attr, attr))
+            if not same:
+                raise inference_error(f"the traced projection {entry} packs parts of widths {widths}, but no "
+                                      f"model.config attribute is {width}")
+            names.append(same[0])
+    return tuple(names)
 
 
 def _embedding_scale(embedding: nn.Embedding) -> str | None:
@@ -177,34 +235,64 @@ def _class_name(model_type: str) -> str:
 
 
 def infer_policy(model: nn.Module, tp_size: int = 2) -> Policy:
-    """A Policy for `model` derived from its config's tensor-parallel plan and its structure,
-    checked on its first decoder block against the unsharded block at `tp_size` simulated ranks
-    (see the module docstring). Raises ValueError (naming the entry, block or op, and pointing
-    to docs/policies.md) when no faithful policy can be derived. Print `policy.to_source()` to
-    save and edit it."""
-    from .block_check import check_block, probe_model  # they run the block: torch and engine imports
+    """A Policy for `model` derived from its config's tensor-parallel plan, else from a trace of
+    one decoder block, and its structure; checked on its first decoder block against the
+    unsharded block at `tp_size` simulated ranks (see the module docstring). Raises ValueError
+    (naming the entry, block or op, and pointing to docs/policies.md) when no faithful policy
+    can be derived. Print `policy.to_source()` to save and edit it."""
+    return _infer(model, tp_size)[0]
+
+
+def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
+    """(the policy, where its split came from)."""
+    from .block_check import _block_inputs, check_block, check_tp, probe_model  # torch and engine imports
+    from .trace import derive_split
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "base_model"):
         raise inference_error(f"{type(model).__name__} is no transformers model (no config / base_model)")
     fields = _structure(model)
-    split = _translate_tp_plan(model, fields["embedding"], fields["layers"])
-    layer = model.base_model.get_submodule(fields["layers"])[0]
-    fields |= _attention(model, layer, split["column"])
     probe = probe_model(model)  # the model itself, unless it is on the meta device
+    layer = model.base_model.get_submodule(fields["layers"])[0]
+    traced, source = None, "config.base_model_tp_plan"
+    try:
+        split = _translate_tp_plan(model, fields["embedding"], fields["layers"])
+        fields |= _attention(model, layer, split["column"])
+    except DeriveFailure as no_plan:
+        base = _path_of(probe, probe.base_model)
+        where = f"model.{base + '.' if base else ''}{fields['layers']}.0"
+        layer = probe.base_model.get_submodule(fields["layers"])[0]
+        try:
+            traced = derive_split(layer, _block_inputs(probe, layer), check_tp(config, Policy(), tp_size), where)
+        except DeriveFailure as no_trace:
+            raise inference_error(f"{no_plan}; a torch.fx trace of {where} ({type(layer).__name__}) found no split "
+                                  f"either: {no_trace}") from None
+        split, source = {"column": traced.column, "row": traced.row, "partial": []}, "a torch.fx trace of one decoder block"
+        try:
+            fields |= _attention(model, layer, split["column"], traced)
+        except DeriveFailure as no_attention:
+            raise inference_error(f"{no_plan}; after a torch.fx trace of {where}: {no_attention}") from None
     fields["embedding_scale"] = _embedding_scale(probe.base_model.get_submodule(fields["embedding"]))
+    if traced:
+        head_dims = {e: d for e, d in traced.head_dims.items()}
+        fields["packed"] = {e: _packed_attrs(config, e, w, head_dims.get(e)) for e, w in traced.packed.items()}
+        fields["experts"] = traced.experts
     policy = Policy(name=_class_name(config.model_type), model_types=(config.model_type,),
                     column_parallel=tuple(split["column"]), row_parallel=tuple(split["row"]),
                     tp_partial=tuple(split["partial"]), fused_final_norm=False, **fields)
-    return check_block(probe, policy, tp_size)
+    return check_block(probe, policy, tp_size), source
 
 
-def describe(policy: Policy, tp: int) -> str:
+def describe(policy: Policy, tp: int, source: str = "config.base_model_tp_plan") -> str:
     """One line naming what `infer_policy` derived."""
     parts = [f"column {', '.join(policy.column_parallel)}", f"row {', '.join(policy.row_parallel)}"]
+    for entry, params in policy.experts.items():
+        parts.append(f"experts {entry} ({', '.join(f'{k} {v}' for k, v in params.items())})")
+    if policy.packed:
+        parts.append(f"packed {', '.join(policy.packed)}")
     if policy.tp_partial:
         parts.append(f"partial {', '.join(policy.tp_partial)}")
-    return (f"{policy.name} ({'; '.join(parts)}) from config.base_model_tp_plan and a run of one decoder "
+    return (f"{policy.name} ({'; '.join(parts)}) from {source} and a run of one decoder "
             f"block, checked against the unsharded block at tp={tp}")
 
 
@@ -214,7 +302,7 @@ def registered_or_inferred(model: nn.Module, tp_size: int) -> tuple[Policy, str 
     if model_type in _REGISTRY:
         return _REGISTRY[model_type], None
     try:
-        policy = infer_policy(model, tp_size)
+        policy, source = _infer(model, tp_size)
     except ValueError as err:
         raise ValueError(f"no shardformer policy registered for model.config.model_type={model_type!r} "
                          f"({type(model).__name__}; registered: {', '.join(sorted(_REGISTRY))}), and {err}") from err
@@ -222,4 +310,4 @@ def registered_or_inferred(model: nn.Module, tp_size: int) -> tuple[Policy, str 
 
     tp = check_tp(model.config, policy, tp_size)
     return policy, (f"shardformer: no policy registered for model_type {model_type!r}; derived "
-                    f"{describe(policy, tp)} (print sf.infer_policy(model).to_source() to save and edit it)")
+                    f"{describe(policy, tp, source)} (print sf.infer_policy(model).to_source() to save and edit it)")

@@ -5,7 +5,11 @@
     ReduceFromGroup  forward all-reduce, backward identity (a row-parallel linear's partial products)
     RankLinear       one rank's column-parallel linear (`y_r = x W_r^T + b_r`, W's rows split) or
                      row-parallel linear (`y = sum_r x_r W_r^T + b`, W's columns split), its pieces cut
-                     by the engine's own `split_tensor` from the plan's `ShardSpec`.
+                     by the engine's own `split_tensor` from the plan's `ShardSpec` (an `nn.Linear` or
+                     transformers' `Conv1D`, computed as the engine computes it)
+    rank_experts     one rank's stacked-experts module: its 3-D parameters cut to this rank's pieces,
+                     its floating-point inputs through CopyToGroup and its output through
+                     ReduceFromGroup (as `shardformer/tensor_parallel/experts.py` does).
 Backward runs on the calling thread for CPU tensors, so the threads' all-reduces pair up there too.
 """
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -61,21 +64,41 @@ class ReduceFromGroup(torch.autograd.Function):
 class RankLinear(nn.Module):
     """One simulated rank's column- or row-parallel linear."""
 
-    def __init__(self, linear: nn.Linear, kind: str, spec, group, rank: int, copy_input: bool):
+    def __init__(self, linear: nn.Module, kind: str, spec, group, rank: int, copy_input: bool):
         from shardformer.sharding import split_tensor
+        from shardformer.tensor_parallel.linear import _bias_spec, weight_layout
 
         super().__init__()
         self.kind, self.group, self.rank, self.copy_input = kind, group, rank, copy_input
+        self.transposed = weight_layout(linear)[2]
         self.weight = nn.Parameter(split_tensor(linear.weight.detach(), spec, rank))
         if linear.bias is None or kind == "row":
             self.bias = linear.bias  # a row linear's bias is whole, added after the sum
         else:
-            self.bias = nn.Parameter(split_tensor(linear.bias.detach(), spec, rank))
+            self.bias = nn.Parameter(split_tensor(linear.bias.detach(), _bias_spec(spec), rank))
 
     def forward(self, x):
+        from shardformer.tensor_parallel.linear import _matmul
+
         if self.kind == "row":
-            y = ReduceFromGroup.apply(F.linear(x, self.weight), self.group, self.rank)
+            y = ReduceFromGroup.apply(_matmul(x, self.weight, None, self.transposed), self.group, self.rank)
             return y if self.bias is None else y + self.bias
         if self.copy_input:
             x = CopyToGroup.apply(x, self.group, self.rank)
-        return F.linear(x, self.weight, self.bias)
+        return _matmul(x, self.weight, self.bias, self.transposed)
+
+
+def rank_experts(module: nn.Module, specs: dict, group, rank: int) -> None:
+    """Make `module` (a rank's copy of a stacked-experts module) this rank's share of it."""
+    from shardformer.sharding import split_tensor
+
+    for name, spec in specs.items():
+        setattr(module, name, nn.Parameter(split_tensor(getattr(module, name).detach(), spec, rank)))
+
+    def copy(x):
+        return CopyToGroup.apply(x, group, rank) if torch.is_tensor(x) and x.is_floating_point() else x
+
+    module.register_forward_pre_hook(lambda m, args, kwargs: (tuple(copy(a) for a in args),
+                                                              {k: copy(v) for k, v in kwargs.items()}),
+                                     with_kwargs=True)
+    module.register_forward_hook(lambda m, args, out: ReduceFromGroup.apply(out, group, rank))
