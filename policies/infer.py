@@ -274,8 +274,7 @@ def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
             raise inference_error(f"{no_plan}; after a torch.fx trace of {where}: {no_attention}") from None
     fields["embedding_scale"] = _embedding_scale(probe.base_model.get_submodule(fields["embedding"]))
     if traced:
-        head_dims = {e: d for e, d in traced.head_dims.items()}
-        fields["packed"] = {e: _packed_attrs(config, e, w, head_dims.get(e)) for e, w in traced.packed.items()}
+        fields["packed"] = {e: _packed_attrs(config, e, w, traced.head_dims.get(e)) for e, w in traced.packed.items()}
         fields["experts"] = traced.experts
     policy = Policy(name=_class_name(config.model_type), model_types=(config.model_type,),
                     column_parallel=tuple(split["column"]), row_parallel=tuple(split["row"]),

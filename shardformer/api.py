@@ -119,14 +119,14 @@ class ShardedModelMixin:
             batch = gather_batch(batch, self)
         error = None
         try:
-            self._check_training_batch(batch)
+            self._check_training_batch(batch, what)
         except ValueError as err:
             error = err
         flags = self._batch_range_flags(batch) if error is None else torch.zeros(2, dtype=torch.int64)
         bad = check_batch(self.sf_groups, (), batch, dist.group.WORLD, error, torch.cat([flags.cpu(), split]), what,
                           compare=self.sf_config.check_batch)
         self._raise_split_mix(bad)
-        self._raise_range_error(bad[:2])
+        self._raise_range_error(bad[:2], what)
         return batch
 
     @staticmethod
@@ -155,14 +155,14 @@ class ShardedModelMixin:
         dp_group = self.sf_mesh.get_group("dp")
         return all_reduce_no_grad(loss.detach().clone(), dp_group, "sum") / dist.get_world_size(dp_group)
 
-    def _check_training_batch(self, batch) -> None:
+    def _check_training_batch(self, batch, what: str) -> None:
         name = type(self).__name__
         if not self.sf_takes_labels:
-            raise ValueError(f"forward_backward needs a model that computes a loss: {name}.forward takes no "
+            raise ValueError(f"{what} needs a model that computes a loss: {name}.forward takes no "
                              "labels (use a model with a head, e.g. *ForCausalLM, or call model(...) and "
                              "backward yourself)")
         if batch.get("labels") is None:
-            raise ValueError(f"forward_backward needs labels=...: without labels {name} returns no loss")
+            raise ValueError(f"{what} needs labels=...: without labels {name} returns no loss")
         if self.sf_sequence_calls is not None:
             self.sf_sequence_calls.validate(batch)
         if self.sf_pipeline is not None:
@@ -188,10 +188,10 @@ class ShardedModelMixin:
             flags[1] = (((labels < 0) | (labels >= vocab)) & (labels != ignore)).any()
         return flags
 
-    def _raise_range_error(self, bad) -> None:
-        what = [w for w, b in zip(("input_ids", "labels"), bad.tolist()) if b]
-        if what:
-            raise ValueError(f"forward_backward: {' and '.join(what)} outside [0, model.config.vocab_size="
+    def _raise_range_error(self, bad, what: str) -> None:
+        out = [w for w, b in zip(("input_ids", "labels"), bad.tolist()) if b]
+        if out:
+            raise ValueError(f"{what}: {' and '.join(out)} outside [0, model.config.vocab_size="
                              f"{self.sf_vocab_size}) on some rank (labels may also be the ignore index)")
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

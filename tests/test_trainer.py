@@ -291,3 +291,54 @@ def test_refuses_what_it_cannot_train():
         ShardedTrainer(model=build("llama"))
     with pytest.raises(ValueError, match="ShardConfig.pp_size=2"):
         ShardedTrainer(model=SimpleNamespace(sf_config=sf.ShardConfig(pp_size=2)))
+
+
+def _bad_batch_on_one_rank(output_dir: str) -> list:
+    """On both ranks of a pool of 2 (tp 2: one replica): one training step whose batch is bad on
+    rank 1 only, each caught: a label outside the vocabulary (with check_batch=False, so that the
+    range check alone must catch it), then input ids differing from rank 0's; then a good step.
+    Returns the two messages, the good step's loss and the model's flag afterwards."""
+    import torch.distributed as dist
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    import shardformer as sf
+    from shardformer.hf_trainer import ShardedTrainer
+
+    from .models import batch, build
+
+    rank = dist.get_rank()
+
+    def train(model, ids, labels):
+        args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=2, max_steps=1, use_cpu=True,
+                                 report_to="none", disable_tqdm=True, save_strategy="no", logging_strategy="no")
+        data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+        return ShardedTrainer(model=model, args=args, train_dataset=data).train()
+
+    messages = []
+    for corrupt, check in (("labels", False), ("input_ids", True)):
+        model = sf.shard_model(build("llama"), config=sf.ShardConfig(tp_size=2, check_batch=check))
+        ids, labels = batch(2)
+        if rank == 1 and corrupt == "labels":
+            labels[1, 5] = 250  # == vocab_size: out of range, on rank 1 only
+        elif rank == 1:
+            ids[0, 4] = ids[0, 4] % 249 + 1  # another in-range id: rank 1's batch differs from its tp peer's
+        with pytest.raises(ValueError) as info:
+            train(model, ids, labels)
+        messages.append(str(info.value))
+    loss = train(model, *batch(2)).training_loss  # the ranks are still in step: a good batch trains
+    return [messages, loss, model.sf_batch_checked]
+
+
+def test_bad_batch_on_one_rank_raises_on_every_rank(pools, tmp_path):
+    """The Trainer's training step validates its batch on every rank in one exchange over the
+    world (as model.forward_backward does): a label outside the vocabulary, or input ids that
+    differ from the tp peer's, on ONE rank raises ValueError on BOTH ranks naming the problem
+    (before, the bad-label rank failed alone and the other waited for the process group's
+    timeout); the next, good step trains on both."""
+    results = pools(2).run(_bad_batch_on_one_rank, str(tmp_path), timeout=120)
+    for (bad_label, bad_ids), loss, checked in results:
+        assert "ShardedTrainer.training_step: labels outside [0, model.config.vocab_size=250)" in bad_label, bad_label
+        assert "ShardedTrainer.training_step" in bad_ids and "received different batches" in bad_ids, bad_ids
+        assert torch.isfinite(torch.tensor(loss)) and checked is False, (loss, checked)
+    assert results[0][1] == results[1][1], [r[1] for r in results]

@@ -203,6 +203,16 @@ def init_buffers(model: nn.Module) -> None:
             model._init_weights(module)
 
 
+@torch.no_grad()
+def load_weights(model: nn.Module, path: str) -> int:
+    """Fill a sharded `model` (any layout) in place from the HF checkpoint directory `path`, each
+    rank reading only its own slices of each tensor (buffers stored there are copied too).
+    Returns the bytes this rank read. No collective."""
+    reader = _Reader(_weight_files(path))
+    _fill(model, reader)
+    return reader.bytes_read
+
+
 def load_pretrained(path: str, config=None, policy=None, dtype: torch.dtype | None = None, device=None):
     """Build the model of the HF checkpoint at `path` sharded by `config` (a `ShardConfig`), each
     rank reading only its own slices (see module docstring). `dtype`: the parameters' dtype
@@ -213,13 +223,11 @@ def load_pretrained(path: str, config=None, policy=None, dtype: torch.dtype | No
     if not os.path.isdir(path):
         raise ValueError(f"sf.load_pretrained: {path!r} is not a checkpoint directory")
     hf_config = AutoConfig.from_pretrained(path)
-    files = _weight_files(path)
+    _weight_files(path)  # no weights: a ValueError before the model is built
     model = sharded_on_meta(_model_class(hf_config), hf_config, config, policy, dtype)
     materialize_sharded(model, device)
-    reader = _Reader(files)
-    _fill(model, reader)
+    model.sf_load_bytes = load_weights(model, path)
     init_buffers(model)
-    model.sf_load_bytes = reader.bytes_read
     try:
         model.generation_config = GenerationConfig.from_pretrained(path)
     except OSError:

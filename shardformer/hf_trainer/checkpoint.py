@@ -19,7 +19,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.load import _fill, _Reader, _weight_files
+from ..checkpoint.load import load_weights as _load_weights
 from ..comm import all_or_none
 
 _OPTIMIZER = "sf_optimizer-rank{rank:05d}-of-{world:05d}.pt"
@@ -65,4 +65,4 @@ def load_weights(model, directory: str) -> None:
     """Fill the sharded `model` in place from the HF checkpoint in `directory` (each rank reads
     only its slices)."""
     with all_or_none(None, f"ShardedTrainer: loading the weights of {directory}"):
-        _fill(model, _Reader(_weight_files(directory)))
+        _load_weights(model, directory)

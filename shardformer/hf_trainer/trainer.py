@@ -11,6 +11,12 @@ Trainer, and through which of its seams:
     (`create_accelerator_and_postprocess`). The training step is the Trainer's own
     (`model(**inputs)`, then `loss.backward()`: the model reduces its gradients in its backward
     hooks; `accelerator.no_sync` reaches `model.no_sync` for gradient accumulation).
+  * batch validation (`compute_loss`): before each training forward every rank validates its
+    batch as `model.forward_backward` does (labels present, input ids and labels inside the
+    vocabulary, the ranks of each replica holding the same batch unless
+    `ShardConfig(check_batch=False)`) and shares the outcome in one small all-gather over the
+    world, so that a bad batch on one rank raises ValueError on every rank instead of leaving
+    the others waiting for the process group's timeout; the forward then skips its own check.
   * ZeRO: with `ShardConfig(zero_stage=k)` the optimizer the Trainer builds (or the one passed
     in `optimizers=`) is wrapped in `sf.ZeroOptimizer` (`create_optimizer`); the LR scheduler
     drives the wrapped optimizer (`create_scheduler`). Passing `optimizers=(sf.ZeroOptimizer(...),
@@ -118,6 +124,32 @@ class ShardedTrainer(Trainer):
     def get_total_train_batch_size(self, args) -> int:
         """Sequences per optimizer step: per-device batch x accumulation x dp ranks."""
         return self._train_batch_size * args.gradient_accumulation_steps * self.model.sf_mesh["dp"].size()
+
+    # ------------------------------------------------------------------ the training step
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """The stock loss (`num_items_in_batch`, label smoothing, `compute_loss_func`,
+        `return_outputs` unchanged). In training (the model in train mode, as `training_step`
+        leaves it) the batch is first validated on every rank, as `model.forward_backward`
+        validates its own: labels present, input ids and labels inside the vocabulary, the ranks
+        of each model replica (tp / sp peers) holding the same batch (unless
+        `ShardConfig(check_batch=False)`), no parameter made trainable after sharding. The ranks
+        share the outcome in one small all-gather over the world, so a bad batch on any rank
+        raises ValueError on every rank (naming the problem) instead of failing on that rank
+        alone while the others wait in a collective until the process group's timeout. That
+        exchange is the step's only batch check: the forward skips its own. Evaluation
+        (`prediction_step`, the model in eval mode, with or without labels) and a model whose
+        forward takes no `labels` get the stock call with the forward's own check."""
+        sharded = self.model
+        if not (model.training and getattr(sharded, "sf_takes_labels", False)):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                         num_items_in_batch=num_items_in_batch)
+        inputs = sharded._validate_step(inputs, "ShardedTrainer.training_step")  # every rank, one exchange
+        sharded.sf_batch_checked = True
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        finally:
+            sharded.sf_batch_checked = False
 
     # ------------------------------------------------------------------ saving and resuming
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
