@@ -8,6 +8,7 @@ import os
 import tempfile
 
 import pytest
+import torch
 import torch.distributed as dist
 
 import shardformer as sf
@@ -89,6 +90,56 @@ def test_save_failure_on_one_rank_raises_everywhere(pools):
     assert kind0 in ("NotADirectoryError", "FileExistsError"), kind0
     assert kind1 == "RuntimeError" and "rank 0" in msg1 and kind0 in msg1, msg1
     assert loss0 == loss1
+
+
+def check_failed_save_keeps_the_earlier_one(directory):
+    """A save into a directory holding an earlier save (in several files) that fails part-way on the
+    writer (its second file cannot be written) raises on every rank, leaves the earlier save
+    loadable and unchanged and no temporary file; a later save as one file replaces them all."""
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM
+
+    model = sf.shard_model(build("llama"), config=sf.ShardConfig(tp_size=dist.get_world_size()))
+    sf.save_pretrained(model, directory, max_shard_size=40_000)
+    before = sorted(os.listdir(directory))
+    first = {k: v.clone() for k, v in sf.full_state_dict(model).items()}
+    ids, labels = batch(2)
+    model.forward_backward(input_ids=ids, labels=labels)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # the next save differs from the first
+    original, calls = safetensors.torch.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device (injected)")
+        return original(*args, **kwargs)
+
+    safetensors.torch.save_file = failing
+    try:
+        outcome = _raises_everywhere(sf.save_pretrained, model, directory, 40_000)
+    finally:
+        safetensors.torch.save_file = original
+    dist.barrier()
+    after = sorted(os.listdir(directory))
+    loaded = AutoModelForCausalLM.from_pretrained(directory).state_dict()
+    same = all(torch.equal(loaded[k], v) for k, v in first.items())
+    sf.save_pretrained(model, directory)
+    dist.barrier()
+    final = sorted(os.listdir(directory))
+    again = AutoModelForCausalLM.from_pretrained(directory).state_dict()
+    now = sf.full_state_dict(model)
+    return outcome, before, after, same, final, all(torch.equal(again[k], v) for k, v in now.items())
+
+
+def test_failed_save_keeps_the_earlier_one(pools, tmp_path):
+    results = pools(2).run(check_failed_save_keeps_the_earlier_one, str(tmp_path / "out"), timeout=BOUND)
+    for rank, (outcome, before, after, same, final, saved) in enumerate(results):
+        assert outcome is not None and "No space left on device (injected)" in outcome[1], (rank, outcome)
+        assert len([f for f in before if f.endswith(".safetensors")]) > 2, before
+        assert after == before and same, (after, before)  # nothing half-written, nothing removed
+        assert [f for f in final if f.startswith("model")] == ["model.safetensors"] and saved, final
 
 
 def check_shard_model_failure(where):

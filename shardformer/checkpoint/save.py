@@ -11,7 +11,10 @@ written once, as the input embedding (as HF does). At the end rank 0 numbers eve
 way (`model-00001-of-0000N.safetensors` with one index mapping every tensor to its file, or a
 single `model.safetensors`) and writes config.json (the model's dtype: `model.sf_param_dtype`
 at ZeRO-3) and the generation config, so the directory loads with `from_pretrained` and no
-shardformer. Weight files of an earlier save in the directory are removed first.
+shardformer. Weight files of an earlier save in the same directory stay untouched until every
+writer has written its files in full (under temporary names): only then are they replaced, so a
+save that fails part-way (a full disk, a killed job) leaves the earlier checkpoint loadable and
+removes its own temporary files.
 
 It succeeds on every rank or raises on every rank: rank 0 first checks that it can write the
 directory, a writer that fails part-way keeps taking part in the gathers, and the ranks agree
@@ -28,7 +31,12 @@ import torch.distributed as dist
 from ..comm import agree_on_failure, all_or_none
 from ..sharding import full as whole_over_dp, gather_full, sharded_parameters
 
-_WEIGHTS, _INDEX = "model.safetensors", "model.safetensors.index.json"
+_WEIGHTS, _INDEX, _TMP = "model.safetensors", "model.safetensors.index.json", ".safetensors.tmp"
+
+
+def _weight_files(directory, suffixes) -> list[str]:
+    """Names in `directory` of weight files (model*) ending with one of `suffixes`."""
+    return [name for name in os.listdir(directory) if name.startswith("model") and name.endswith(suffixes)]
 
 
 @torch.no_grad()
@@ -100,9 +108,8 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, m
     with all_or_none(None, "sf.save_pretrained"):
         if dist.get_rank() == 0:
             os.makedirs(save_directory, exist_ok=True)
-            for old in os.listdir(save_directory):  # weights of an earlier save would shadow or mix with these
-                if old.startswith("model") and old.endswith((".safetensors", ".safetensors.index.json")):
-                    os.remove(os.path.join(save_directory, old))
+            for old in _weight_files(save_directory, _TMP):  # left by a save that was killed part-way
+                os.remove(os.path.join(save_directory, old))
     dist.barrier()
     files = _ShardWriter(save_directory, stage, limit) if writer else None
     for name, tensor, _ in _full_tensors(model, keep=writer):  # the writer joins every gather, error or not
@@ -114,7 +121,14 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, m
     error = files.close() if writer else None
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, files.parts if writer and error is None else None)
-    agree_on_failure(error, None, "sf.save_pretrained")
+    try:
+        agree_on_failure(error, None, "sf.save_pretrained")
+    except Exception:
+        if writer:  # the earlier save stays as it was; this one's files go
+            for tmp, _ in files.parts:
+                if os.path.exists(os.path.join(save_directory, tmp)):
+                    os.remove(os.path.join(save_directory, tmp))
+        raise
     with all_or_none(None, "sf.save_pretrained"):
         if dist.get_rank() == 0:
             _name_files(model, save_directory, [p for entry in parts if entry for p in entry])
@@ -140,7 +154,7 @@ class _ShardWriter:
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
-        name = f"model-stage{self.stage:05d}-part{len(self.parts):05d}.safetensors.tmp"
+        name = f"model-stage{self.stage:05d}-part{len(self.parts):05d}{_TMP}"
         if self.error is None:
             try:
                 save_file({k: v.contiguous() for k, v in self.pending.items()}, os.path.join(self.directory, name),
@@ -167,6 +181,9 @@ def _name_files(model, directory, parts) -> None:
         os.replace(os.path.join(directory, tmp), os.path.join(directory, final))
         for key, size in sizes.items():
             weight_map[key], total = final, total + size
+    for old in _weight_files(directory, (".safetensors", ".safetensors.index.json")):
+        if old not in names:  # an earlier save's files would shadow or mix with these
+            os.remove(os.path.join(directory, old))
     if len(parts) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(directory, _INDEX), "w") as f:
