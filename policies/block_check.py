@@ -99,6 +99,25 @@ def _block_inputs(model: nn.Module, layer: nn.Module):
     return captured["call"]
 
 
+def reshapes_to_whole_sequence(model: nn.Module, final_norm: str | None) -> bool:
+    """Whether the base model reshapes its final norm's output to the input's sequence length
+    (GPT-2's `view(output_shape)`; `Policy.whole_sequence_output`): the norm is made to return
+    the first half of the sequence, and the base model then fails or returns more than that."""
+    if final_norm is None:
+        return False
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(SEQ, device=next(model.parameters()).device) * 7 + 1).remainder(vocab).unsqueeze(0)
+    handle = model.base_model.get_submodule(final_norm).register_forward_hook(lambda m, a, out: out[:, :SEQ // 2])
+    try:
+        with torch.no_grad():
+            out = model.base_model(input_ids=ids, use_cache=False)
+        return out[0].shape[1] != SEQ // 2  # last_hidden_state (a ModelOutput or a tuple)
+    except Exception:  # noqa: BLE001 - a reshape to the whole length fails on half of it
+        return True
+    finally:
+        handle.remove()
+
+
 def _to_probe(value):
     """Tensors moved to fp32 CPU (recursively through tuples, lists and dicts)."""
     if torch.is_tensor(value):

@@ -16,7 +16,9 @@ Where the split comes from, in this order:
      residual stream) is a ValueError naming the block, the op and its source line.
 Fused kernels are left off (`fused_*` unset, `fused_final_norm` False).
 
-The rest comes from the model's structure: the embedding (`get_input_embeddings()`), learned
+The rest comes from the model's structure and a run of it: the embedding
+(`get_input_embeddings()`), whether the base model reshapes its final hidden states to the whole
+sequence (`whole_sequence_output`: GPT-2; the sp-axis modes are then refused), learned
 positions (another embedding of the base model with `config.max_position_embeddings` rows), the
 decoder-layer list and final norm (`base_model_pp_plan`, else the ModuleList of
 `config.num_hidden_layers` and the base model's one norm child), the LM head
@@ -245,7 +247,7 @@ def infer_policy(model: nn.Module, tp_size: int = 2) -> Policy:
 
 def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
     """(the policy, where its split came from)."""
-    from .block_check import _block_inputs, check_block, check_tp, probe_model  # torch and engine imports
+    from .block_check import _block_inputs, check_block, check_tp, probe_model, reshapes_to_whole_sequence
     from .trace import derive_split
 
     config = getattr(model, "config", None)
@@ -273,6 +275,7 @@ def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
         except DeriveFailure as no_attention:
             raise inference_error(f"{no_plan}; after a torch.fx trace of {where}: {no_attention}") from None
     fields["embedding_scale"] = _embedding_scale(probe.base_model.get_submodule(fields["embedding"]))
+    fields["whole_sequence_output"] = reshapes_to_whole_sequence(probe, fields["final_norm"])
     if traced:
         fields["packed"] = {e: _packed_attrs(config, e, w, traced.head_dims.get(e)) for e, w in traced.packed.items()}
         fields["experts"] = traced.experts

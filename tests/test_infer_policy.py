@@ -46,7 +46,7 @@ TRACED = {"stablelm": {}, "persimmon": {}, "gpt_neox": {}, "glm4": {"head_dim": 
 NO_PLAN = {"stablelm", "persimmon"}  # no tp plan in any supported transformers: the notice says "trace"
 COMPARED = ("embedding", "layers", "lm_head", "final_norm", "attention", "column_parallel", "row_parallel",
             "query_projections", "kv_projections", "tp_partial", "attention_local_attrs", "packed", "experts",
-            "attention_local_config", "position_embedding")
+            "attention_local_config", "position_embedding", "whole_sequence_output")
 # Registered families that are decoder-only causal LMs (BERT is an encoder).
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral")
 
