@@ -39,6 +39,7 @@ result as policy source.
 """
 from __future__ import annotations
 
+import math
 import re
 
 from torch import nn
@@ -247,7 +248,7 @@ def infer_policy(model: nn.Module, tp_size: int = 2) -> Policy:
 
 def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
     """(the policy, where its split came from)."""
-    from .block_check import _block_inputs, check_block, check_tp, probe_model, reshapes_to_whole_sequence
+    from .block_check import _block_inputs, check_block, probe_model, reshapes_to_whole_sequence
     from .trace import derive_split
 
     config = getattr(model, "config", None)
@@ -265,7 +266,7 @@ def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
         where = f"model.{base + '.' if base else ''}{fields['layers']}.0"
         layer = probe.base_model.get_submodule(fields["layers"])[0]
         try:
-            traced = derive_split(layer, _block_inputs(probe, layer), check_tp(config, Policy(), tp_size), where)
+            traced = derive_split(layer, _block_inputs(probe, layer), _trace_tp(config), where)
         except DeriveFailure as no_trace:
             raise inference_error(f"{no_plan}; a torch.fx trace of {where} ({type(layer).__name__}) found no split "
                                   f"either: {no_trace}") from None
@@ -283,6 +284,15 @@ def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
                     column_parallel=tuple(split["column"]), row_parallel=tuple(split["row"]),
                     tp_partial=tuple(split["partial"]), fused_final_norm=False, **fields)
     return check_block(probe, policy, tp_size), source
+
+
+def _trace_tp(config) -> int:
+    """The rank count the trace follows the split for: the smallest above 1 that divides both
+    the query and the KV head counts (the split's structure does not depend on it; KV heads are
+    replicated when the real tp exceeds them, which the block check then runs), else 2."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return next((d for d in range(2, math.gcd(heads, kv) + 1) if heads % d == 0 and kv % d == 0), 2)
 
 
 def describe(policy: Policy, tp: int, source: str = "config.base_model_tp_plan") -> str:

@@ -96,6 +96,25 @@ def test_derives_the_hand_written_split(source):
     assert traced == (set(DECODERS) if source == "trace alone" else {"phi3", "gpt2", "mixtral"}), sources
 
 
+def test_trace_at_tp4_replicates_kv_heads():
+    """The trace follows the split at a rank count dividing both head counts; at tp 4 over 2 KV
+    heads (replicated) it still derives the hand-written split (Phi-3 packs its KV heads with the
+    queries, which are never replicated: the engine refuses that at tp 4 either way)."""
+    for model_type in ("llama", "qwen3", "gemma2", "mixtral"):
+        model = build(model_type)
+        hand = sf.policies.get_policy(model)
+        model.config.base_model_tp_plan = None
+        assert _split(sf.infer_policy(model, tp_size=4)) == _split(hand), model_type
+
+
+def check_traced_at_tp4() -> float:
+    return _train_and_compare("stablelm", tp=4)
+
+
+def test_traced_policy_trains_at_tp4(pools):
+    assert max(pools(4).run(check_traced_at_tp4)) <= TOL
+
+
 def test_prints_itself_as_source():
     policy = sf.infer_policy(build("qwen3"))
     source = policy.to_source()
