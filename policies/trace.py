@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import re
 
 import torch
@@ -112,11 +113,12 @@ def trace_block(layer: nn.Module, call) -> BlockTrace:
         out = functional_call(block, p, (hidden,) + tuple(rest), kwargs)
         return out if torch.is_tensor(out) else next(o for o in out if torch.is_tensor(o))
 
+    stack_traces = {"record_stack_traces": True} if "record_stack_traces" in inspect.signature(make_fx).parameters else {}
     trace = BlockTrace(None, {}, {}, {}, {})
     spans, handles = _hooks(block, trace)
     try:
         with torch.no_grad():
-            trace.graph = make_fx(run, record_stack_traces=True)(params, x.detach())
+            trace.graph = make_fx(run, **stack_traces)(params, x.detach())
     finally:
         for h in handles:
             h.remove()
