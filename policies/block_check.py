@@ -54,23 +54,33 @@ def _first_tensor(out):
     return out if torch.is_tensor(out) else next(o for o in out if torch.is_tensor(o))
 
 
-def probe_model(model: nn.Module) -> nn.Module:
-    """`model`, or for a meta-device model a fresh fp32 model of its class and config with one
-    decoder layer and a vocabulary of at most 256 (memory: one decoder layer)."""
+def probe_model(model: nn.Module, layers: int = 1) -> nn.Module:
+    """`model`, or for a meta-device model a fresh fp32 model of its class and config with its
+    first `layers` decoder layers and a vocabulary of at most 256 (memory: those layers)."""
     if not any(p.is_meta for p in model.parameters()):
         return model
     config = copy.deepcopy(model.config)
-    layers = config.num_hidden_layers
+    total = config.num_hidden_layers
     for key, value in vars(config).items():  # per-layer lists (layer_types, ...) follow the layer count
-        if isinstance(value, list) and len(value) == layers:
-            setattr(config, key, value[:1])
-    config.num_hidden_layers = 1
+        if isinstance(value, list) and len(value) == total:
+            setattr(config, key, value[:layers])
+    config.num_hidden_layers = layers
     config.vocab_size = min(config.vocab_size, 256)  # the embedding and head play no part in the check
     if (getattr(config, "pad_token_id", None) or 0) >= config.vocab_size:
         config.pad_token_id = None
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(0)
         return type(model)(config).float()
+
+
+def layer_kinds(layers) -> list[int]:
+    """The index of the first decoder layer of each kind (class and parameter shapes), e.g. [0, 1]
+    for a model whose first layer has a dense MLP and the others experts."""
+    first = {}
+    for index, layer in enumerate(layers):
+        kind = (type(layer).__name__, tuple((name, tuple(p.shape)) for name, p in layer.named_parameters()))
+        first.setdefault(kind, index)
+    return sorted(first.values())
 
 
 def _block_inputs(model: nn.Module, layer: nn.Module):
@@ -176,7 +186,7 @@ def _run(block, call, probe, watch=None):
     x = (args[0] if args else kwargs["hidden_states"]).detach().clone().requires_grad_()
     args, kwargs = ((x,) + tuple(args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=x))
     out = _first_tensor(block(*args, **kwargs))
-    names, params = zip(*block.named_parameters())
+    names, params = zip(*[(n, p) for n, p in block.named_parameters() if p.requires_grad])
     grads = torch.autograd.grad((out * probe).sum(), (x,) + params, allow_unused=True)
     return out.detach(), {"<input>": grads[0]} | {n: g for n, g in zip(names, grads[1:])}
 
@@ -219,19 +229,39 @@ def check_tp(config, policy, tp_size: int) -> int:
 
 
 @torch.enable_grad()  # callers may run under no_grad (sf.init_model)
-def check_block(model: nn.Module, policy, tp_size: int):
-    """`policy` with `tp_input_copies` and derived `tp_partial` entries, checked on the first
-    decoder block at `check_tp(tp_size)` simulated ranks. ValueError otherwise."""
-    from shardformer.sharding import merge_pieces
-    from shardformer.tensor_parallel.local_config import LocalConfig
+def check_block(model: nn.Module, policy, tp_size: int, layers: tuple[int, ...] = (0,)):
+    """`policy` with `tp_input_copies` and derived `tp_partial` entries, checked on the decoder
+    blocks `layers` (one of each kind the model has) at `check_tp(tp_size)` simulated ranks.
+    ValueError otherwise. A module's output is handed to the tp group once (`tp_input_copies`)
+    only where every checked block holding it reads it in column-parallel linears alone."""
     from shardformer.tensor_parallel.plan import plan_tensor_parallel
 
-    model = probe_model(model)
+    model = probe_model(model, max(layers) + 1)
     tp = check_tp(model.config, policy, tp_size)
     plan = plan_tensor_parallel(model, policy, tp)
-    prefix = plan.layers_path + ".0."
-    where = f"model.{plan.layers_path}.0"
-    layer = model.get_submodule(plan.layers_path)[0]
+    checked, partial = [], set()
+    for index in layers:
+        layer_copies, layer_partial, layer_owners = _check_layer(model, policy, plan, tp, index)
+        checked.append((layer_copies, layer_owners))
+        partial |= layer_partial
+    copies = {}
+    for owner in dict.fromkeys(o for layer_copies, _ in checked for o in layer_copies):
+        if all(owner in layer_copies for layer_copies, owners in checked if owner in owners):
+            copies[owner] = tuple(dict.fromkeys(t for layer_copies, _ in checked for t in layer_copies.get(owner, ())))
+    new = tuple(sorted(partial - set(policy.tp_partial)))
+    return dataclasses.replace(policy, tp_input_copies=copies, tp_partial=tuple(policy.tp_partial) + new)
+
+
+def _check_layer(model, policy, plan, tp: int, index: int):
+    """Block `index` checked (see module docstring): ({module: column linears} whose output they
+    alone read, {modules found to hold per-rank partial gradients}, {this block's module paths})."""
+    from shardformer.sharding import merge_pieces
+    from shardformer.tensor_parallel.local_config import LocalConfig
+
+    prefix = f"{plan.layers_path}.{index}."
+    where = f"model.{plan.layers_path}.{index}"
+    layer = model.get_submodule(plan.layers_path)[index]
+    owners = {name for name, _ in layer.named_modules() if name}
     call = _block_inputs(model, layer)
     param = next(layer.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
@@ -248,7 +278,6 @@ def check_block(model: nn.Module, policy, tp_size: int):
         ref, copies = _derive_copies(layer, call, probe, column)
     except Exception as err:  # noqa: BLE001 - reported with the op that raised
         raise _fail(f"{where} ({type(layer).__name__}) did not run unsharded: {_where(err)}") from err
-    policy = dataclasses.replace(policy, tp_input_copies=copies)
     attrs = plan.attention_attrs.get(prefix + policy.attention, {})
     local_config = plan.attention_config.get(prefix + policy.attention)
     group, results, errors = SimulatedGroup(tp), [None] * tp, [None] * tp
@@ -283,7 +312,8 @@ def check_block(model: nn.Module, policy, tp_size: int):
     if first is not None:
         raise _fail(f"{where} ({type(layer).__name__}) failed with the derived {policy.name} at tp={tp}: "
                     f"{_where(first)}") from first
-    return _compare(policy, ref, results, split_params, merge_pieces, where, tp)
+    partial = _compare(policy, ref, results, split_params, merge_pieces, where, tp)
+    return copies, partial, owners
 
 
 def _where(err: BaseException) -> str:
@@ -301,8 +331,8 @@ def _where(err: BaseException) -> str:
 
 
 def _compare(policy, ref, results, split_params, merge_pieces, where, tp):
-    """Every rank against the unsharded block (see module docstring); `policy` plus the modules
-    found to hold per-rank partial gradients."""
+    """Every rank against the unsharded block (see module docstring); the modules found to hold
+    per-rank partial gradients (not yet in `policy.tp_partial`)."""
     ref_out, ref_grads = ref
     floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values() if g is not None)
     errs, partial = {}, set(policy.tp_partial)
@@ -339,6 +369,4 @@ def _compare(policy, ref, results, split_params, merge_pieces, where, tp):
         if not owner or leaves != own:
             raise _fail(f"parameters {sorted(leaves)} of {where}.{owner or '<layer>'} see only each rank's features "
                         f"(their gradients are per-rank partial sums), but not all of that module's own parameters do")
-    if derived:
-        policy = dataclasses.replace(policy, tp_partial=tuple(policy.tp_partial) + tuple(sorted(derived)))
-    return policy
+    return set(derived)

@@ -13,7 +13,10 @@ Where the split comes from, in this order:
      features packs parts (`packed`, sized by the config attributes matching each part), a
      3-D experts parameter becomes an `experts` entry, and the view after a projection gives the
      head size. An op the split cannot pass (a norm over all heads, a split value meeting the
-     residual stream) is a ValueError naming the block, the op and its source line.
+     residual stream) is a ValueError naming the block, the op and its source line. With
+     decoder layers of several kinds (`block_check.layer_kinds`: a dense first layer, experts
+     after it), one block of each kind is traced, the splits merged, and an entry missing from
+     some layers is `optional`.
 Fused kernels are left off (`fused_*` unset, `fused_final_norm` False).
 
 The rest comes from the model's structure and a run of it: the embedding
@@ -29,7 +32,7 @@ int attributes of the attention count heads (named for heads or groups, valued a
 or, read in its forward, hold the query width, and (traced) which head counts it reads from its
 config in forward (`attention_local_config`).
 
-Then one decoder block is run (`block_check.py`): unsharded, and as tp simulated ranks in
+Then one decoder block of each kind is run (`block_check.py`): unsharded, and as tp simulated ranks in
 threads (`simulated_tp.py`) with this policy's split, forward and backward. That derives
 `tp_input_copies` (modules whose output feeds only column-parallel linears) and replicated
 parameters whose gradient is a per-rank partial sum (`tp_partial`), and checks that every rank's output, input gradient and
@@ -144,6 +147,7 @@ def _attention(model: nn.Module, layer: nn.Module, column: list[str], traced=Non
         seen = {d for entry, d in head_dims.items() if entry.startswith(parent + ".")}
         return seen.pop() if len(seen) == 1 else getattr(layer.get_submodule(parent), "head_dim", None)
 
+    column = [c for c in column if _has(layer, c)]  # the attention is in every layer; other entries may not be
     parents = sorted({c.rpartition(".")[0] for c in column if "." in c})
     found = [p for p in parents if isinstance(head_dim_of(p), int)]
     if len(found) != 1:
@@ -248,29 +252,37 @@ def infer_policy(model: nn.Module, tp_size: int = 2) -> Policy:
 
 def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
     """(the policy, where its split came from)."""
-    from .block_check import _block_inputs, check_block, probe_model, reshapes_to_whole_sequence
-    from .trace import derive_split
+    from .block_check import _block_inputs, check_block, layer_kinds, probe_model, reshapes_to_whole_sequence
+    from .trace import derive_split, merge_splits
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "base_model"):
         raise inference_error(f"{type(model).__name__} is no transformers model (no config / base_model)")
     fields = _structure(model)
-    probe = probe_model(model)  # the model itself, unless it is on the meta device
-    layer = model.base_model.get_submodule(fields["layers"])[0]
+    layer_list = model.base_model.get_submodule(fields["layers"])
+    kinds = layer_kinds(layer_list)
+    probe = probe_model(model, max(kinds) + 1)  # the model itself, unless it is on the meta device
+    layer = layer_list[0]
     traced, source = None, "config.base_model_tp_plan"
     try:
         split = _translate_tp_plan(model, fields["embedding"], fields["layers"])
         fields |= _attention(model, layer, split["column"])
     except DeriveFailure as no_plan:
         base = _path_of(probe, probe.base_model)
-        where = f"model.{base + '.' if base else ''}{fields['layers']}.0"
-        layer = probe.base_model.get_submodule(fields["layers"])[0]
-        try:
-            traced = derive_split(layer, _block_inputs(probe, layer), _trace_tp(config), where)
-        except DeriveFailure as no_trace:
-            raise inference_error(f"{no_plan}; a torch.fx trace of {where} ({type(layer).__name__}) found no split "
-                                  f"either: {no_trace}") from None
+        probe_layers = probe.base_model.get_submodule(fields["layers"])
+        traced = []
+        for index in kinds:
+            where = f"model.{base + '.' if base else ''}{fields['layers']}.{index}"
+            block = probe_layers[index]
+            try:
+                traced.append(derive_split(block, _block_inputs(probe, block), _trace_tp(config), where))
+            except DeriveFailure as no_trace:
+                raise inference_error(f"{no_plan}; a torch.fx trace of {where} ({type(block).__name__}) found no split "
+                                      f"either: {no_trace}") from None
+        traced = merge_splits(traced)
         split, source = {"column": traced.column, "row": traced.row, "partial": []}, "a torch.fx trace of one decoder block"
+        if len(kinds) > 1:
+            source = f"a torch.fx trace of one decoder block of each kind (layers {', '.join(map(str, kinds))})"
         try:
             fields |= _attention(model, layer, split["column"], traced)
         except DeriveFailure as no_attention:
@@ -280,10 +292,12 @@ def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
     if traced:
         fields["packed"] = {e: _packed_attrs(config, e, w, traced.head_dims.get(e)) for e, w in traced.packed.items()}
         fields["experts"] = traced.experts
+    entries = list(split["column"]) + list(split["row"]) + list(split["partial"]) + list(fields.get("experts", {}))
+    fields["optional"] = tuple(e for e in entries if not all(_has(each, e) for each in layer_list))
     policy = Policy(name=_class_name(config.model_type), model_types=(config.model_type,),
                     column_parallel=tuple(split["column"]), row_parallel=tuple(split["row"]),
                     tp_partial=tuple(split["partial"]), fused_final_norm=False, **fields)
-    return check_block(probe, policy, tp_size), source
+    return check_block(probe, policy, tp_size, kinds), source
 
 
 def _trace_tp(config) -> int:

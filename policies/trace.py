@@ -181,3 +181,28 @@ def derive_split(layer: nn.Module, call, tp: int, where: str) -> TracedSplit:
     if not (column or experts) or not (row or experts):
         raise DeriveFailure(f"it found no {'column' if not column else 'row'}-parallel linear in {where}")
     return TracedSplit(column, row, experts, packed, head_dims, trace)
+
+
+def merge_splits(splits: list[TracedSplit]) -> TracedSplit:
+    """One split from those of several kinds of block (entries of either; a module column-
+    parallel in one kind and row-parallel in another is a DeriveFailure)."""
+    from .infer import DeriveFailure
+
+    if len(splits) == 1:
+        return splits[0]
+    column = list(dict.fromkeys(e for s in splits for e in s.column))
+    row = list(dict.fromkeys(e for s in splits for e in s.row))
+    both = set(column) & set(row)
+    if both:
+        raise DeriveFailure(f"{sorted(both)[0]} is column-parallel in one kind of decoder layer and row-parallel in another")
+    merged = TracedSplit(column, row, {}, {}, {}, BlockTrace(None, {}, {}, {}, {}))
+    for s in splits:
+        for name, mine, theirs in (("experts", merged.experts, s.experts), ("packed", merged.packed, s.packed),
+                                   ("head_dims", merged.head_dims, s.head_dims)):
+            for key, value in theirs.items():
+                if mine.setdefault(key, value) != value:
+                    raise DeriveFailure(f"{key} differs between kinds of decoder layer ({name}: {mine[key]} and {value})")
+        for mine, theirs in ((merged.trace.reads, s.trace.reads), (merged.trace.config_reads, s.trace.config_reads)):
+            for path, names in theirs.items():
+                mine.setdefault(path, set()).update(names)
+    return merged

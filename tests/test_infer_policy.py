@@ -42,10 +42,13 @@ UNREGISTERED = {
 # No usable tp plan on the newest transformers (none, or entries with no faithful translation):
 # their split comes from the trace. GPT-NeoX packs q / k / v per head in one projection, GLM-4
 # fuses gate / up, Cohere2-MoE and Qwen3-MoE have stacked experts (Cohere2-MoE's plan on 5.17 splits
-# only the attention), Qwen2-MoE also a shared expert weighed by a one-output gate (replicated).
+# only the attention), Qwen2-MoE also a shared expert weighed by a one-output gate (replicated);
+# GLM-4.5 (glm4_moe) and AFMoE have a dense first layer and expert layers after it (each kind is
+# traced and checked; entries of one kind are `optional` in the other).
 MOE = {"num_experts": 4, "moe_intermediate_size": 32, "num_experts_per_tok": 2, "head_dim": 8}
 TRACED = {"stablelm": {}, "persimmon": {}, "gpt_neox": {}, "glm4": {"head_dim": 8}, "cohere2_moe": {"head_dim": 8},
-          "qwen3_moe": MOE, "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 48}}
+          "qwen3_moe": MOE, "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 48},
+          "glm4_moe": {**MOE, "n_routed_experts": 4, "n_group": 1, "topk_group": 1}, "afmoe": MOE}
 NO_PLAN = {"stablelm", "persimmon"}  # no tp plan in any supported transformers: the notice says "trace"
 COMPARED = ("embedding", "layers", "lm_head", "final_norm", "attention", "column_parallel", "row_parallel",
             "query_projections", "kv_projections", "tp_partial", "attention_local_attrs", "packed", "experts",
@@ -182,6 +185,11 @@ def test_unregistered_architectures_train_like_unsharded(pools):
     missing = sorted((set(UNREGISTERED) | set(TRACED)) - set(present))
     print(f"not in this transformers or registered meanwhile: {missing}")
     assert len(present) >= 10, present
+    # a model on the meta device is probed on a fresh model with one layer of each kind
+    whole = build("glm4_moe")
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(whole.config)
+    assert _split(sf.infer_policy(meta)) == _split(sf.infer_policy(whole))
     # Qwen3-MoE's experts come from the trace (on 5.17 too): split over tp, not left whole
     assert sf.infer_policy(build("qwen3_moe")).experts == {"mlp.experts": {"gate_up_proj": "column", "down_proj": "row"}}
     worst = pools(2).run(check_unregistered, present)
