@@ -24,6 +24,7 @@ device is probed on a fresh one-layer model built from its config.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import threading
@@ -73,6 +74,20 @@ def probe_model(model: nn.Module, layers: int = 1) -> nn.Module:
         return type(model)(config).float()
 
 
+@contextlib.contextmanager
+def _quietly(model: nn.Module):
+    """The model in eval mode (no dropout: no random number drawn), each module's mode and the
+    CPU random state restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 def layer_kinds(layers) -> list[int]:
     """The index of the first decoder layer of each kind (class and parameter shapes), e.g. [0, 1]
     for a model whose first layer has a dense MLP and the others experts."""
@@ -96,7 +111,7 @@ def _block_inputs(model: nn.Module, layer: nn.Module):
     ids = (torch.arange(SEQ, device=device) * 7 + 1).remainder(vocab).unsqueeze(0)
     handle = layer.register_forward_pre_hook(stop, with_kwargs=True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quietly(model):
             model.base_model(input_ids=ids, use_cache=False)
     except _Stop:
         pass
@@ -119,9 +134,11 @@ def reshapes_to_whole_sequence(model: nn.Module, final_norm: str | None) -> bool
     ids = (torch.arange(SEQ, device=next(model.parameters()).device) * 7 + 1).remainder(vocab).unsqueeze(0)
     handle = model.base_model.get_submodule(final_norm).register_forward_hook(lambda m, a, out: out[:, :SEQ // 2])
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quietly(model):
             out = model.base_model(input_ids=ids, use_cache=False)
         return out[0].shape[1] != SEQ // 2  # last_hidden_state (a ModelOutput or a tuple)
+    except torch.OutOfMemoryError:
+        raise
     except Exception:  # noqa: BLE001 - a reshape to the whole length fails on half of it
         return True
     finally:

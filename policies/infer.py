@@ -162,7 +162,7 @@ def _attention(model: nn.Module, layer: nn.Module, column: list[str], traced=Non
     query, kv = [], []
     for entry in (c for c in column if c.startswith(path + ".") and c not in packed):
         out, name = weight_layout(layer.get_submodule(entry))[1], entry.rpartition(".")[2]
-        if out == kv_heads * head_dim and (kv_heads != heads or re.search(r"(^|_)(k|v|key|value)(_|$)", name)):
+        if out == kv_heads * head_dim and (kv_heads != heads or re.fullmatch(r"w?(k|v|key|value)(_proj)?", name.lower())):
             kv.append(entry)
         elif out == heads * head_dim:
             query.append(entry)
@@ -211,6 +211,10 @@ def _packed_attrs(config, entry: str, widths: tuple[int, ...], head_dim: int | N
                 raise inference_error(f"the traced projection {entry} packs parts of widths {widths}, but no "
                                       f"model.config attribute is {width}")
             names.append(same[0])
+    values = [getattr(config, name) for name in names]
+    if any(width * values[0] != widths[0] * value for width, value in zip(widths, values)):
+        raise inference_error(f"the traced projection {entry} packs parts of widths {widths}, not in proportion to "
+                              f"model.config's {dict(zip(names, values))}")
     return tuple(names)
 
 
@@ -304,8 +308,10 @@ def _trace_tp(config) -> int:
     """The rank count the trace follows the split for: the smallest above 1 that divides both
     the query and the KV head counts (the split's structure does not depend on it; KV heads are
     replicated when the real tp exceeds them, which the block check then runs), else 2."""
-    heads = config.num_attention_heads
+    heads = getattr(config, "num_attention_heads", None)
     kv = getattr(config, "num_key_value_heads", None) or heads
+    if not isinstance(heads, int) or not isinstance(kv, int):
+        return 2
     return next((d for d in range(2, math.gcd(heads, kv) + 1) if heads % d == 0 and kv % d == 0), 2)
 
 

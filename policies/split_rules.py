@@ -56,9 +56,9 @@ _SAME = {aten.alias.default, aten.detach.default, aten.clone.default, aten._to_c
          aten.ones_like.default, aten.full_like.default, aten.contiguous.default}
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _SOFTMAX = {aten._softmax.default, aten._safe_softmax.default, aten._log_softmax.default,
-            aten.cumsum.default, aten.sort.default, aten.argmax.default, aten.argmin.default}
-_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
-           aten.var.correction, aten.var_mean.correction, aten.linalg_vector_norm.default}
+            aten.cumsum.default, aten.sort.default}
+_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.argmax.default,
+           aten.argmin.default, aten.var.correction, aten.var_mean.correction, aten.linalg_vector_norm.default}
 _NORMS = {aten.native_layer_norm.default, getattr(aten, "_fused_rms_norm", aten.native_layer_norm).default}
 _ATTENTION = {getattr(aten, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
@@ -127,7 +127,7 @@ def _map_view(src: tuple, dst: tuple, s: int, tp: int):
 class _Pass:
     def __init__(self, graph, names, params, tp):
         self.graph, self.names, self.params, self.tp = graph, names, params, tp
-        self.state, self.origin, self.found, self.parts = {}, {}, {}, {}
+        self.state, self.origin, self.found, self.parts, self.roles = {}, {}, {}, {}, {}
         self.linears = {}
         for node in graph.nodes:
             mm = _matmul(node)
@@ -156,7 +156,12 @@ class _Pass:
 
     def run(self) -> dict:
         for node in self.graph.nodes:
-            self.state[node] = self.step(node)
+            try:
+                self.state[node] = self.step(node)
+            except SplitError:
+                raise
+            except Exception as err:  # noqa: BLE001 - an op a rule misreads: named, never a crash
+                raise SplitError(node, f"its rule could not follow the split ({type(err).__name__}: {err})") from err
         for param, spans in self.parts.items():
             spans = sorted(spans)
             size = self.params[param].shape[self.found[param][3]]
@@ -191,14 +196,23 @@ class _Pass:
         data, (param, out_dim) = self.linears[node]
         s, ndim = self.state[data], len(_shape(data))
         if s is None:
-            if not self.feeds_linear(node):
-                return None  # replicated: its output only weighs / routes (a router)
-            self.found.setdefault(param, ["column", None, None, out_dim, node])
+            features = self.params[param].shape[out_dim]
+            if features % self.tp or not self.feeds_linear(node):
+                return self.role(node, param, "replicated", out_dim)  # a router, a one-output gate
+            self.role(node, param, "column", out_dim)
             self.origin[node] = (param, None)
             return len(_shape(node)) - 1
         if s != ndim - 1:
             self.fail(node, f"the matmul with {param} reads its input split along dim {s}, not its features")
-        self.found.setdefault(param, ["row", None, None, out_dim, node])
+        return self.role(node, param, "row", out_dim)
+
+    def role(self, node, param, kind, out_dim):
+        """Record `param`'s role; a second use in another role is a SplitError."""
+        before = self.roles.setdefault(param, kind)
+        if before != kind:
+            self.fail(node, f"{param} is used as a {before} matmul's weight and here as a {kind} one's")
+        if kind != "replicated":
+            self.found.setdefault(param, [kind, None, None, out_dim, node])
         return None
 
     def split_op(self, node, ins):
@@ -271,10 +285,7 @@ class _Pass:
                 self.fail(node, "adds values split differently from the target (or along the indexed dim)")
             return s
         if t is aten.index.Tensor:
-            indices = node.args[1]
-            if any(self.state.get(i) is not None for i in indices if isinstance(i, Node)) or s < len(indices):
-                self.fail(node, f"indexes the dim {s} that is split over tp")
-            return s - len(indices) + max(len(_shape(i)) for i in indices if isinstance(i, Node))
+            return self.index(node, s)
         self.fail(node, f"no rule says how {t} treats a tensor split along dim {s} (state of the inputs: "
                   f"{[self.state.get(i) for i in ins]})")
 
@@ -283,6 +294,18 @@ class _Pass:
         if self.origin.get(x) and s == len(_shape(node)) - 1:
             self.origin[node] = self.origin[x]
         return s
+
+    def index(self, node, s):
+        """Advanced indexing with integer index tensors at consecutive dims, none of them `s`."""
+        indices = node.args[1]
+        at = [d for d, i in enumerate(indices) if i is not None]
+        if any(self.state.get(i) is not None or not torch.is_tensor(_val(i)) or _val(i).is_floating_point()
+               or _val(i).dtype == torch.bool for i in indices if i is not None) or at != list(range(at[0], at[-1] + 1)):
+            self.fail(node, "indexes with split, boolean or non-consecutive index tensors")
+        if at[0] <= s <= at[-1]:
+            self.fail(node, f"indexes the dim {s} that is split over tp")
+        width = len(_shape(node)) - (len(_shape(node.args[0])) - len(at))  # dims the index tensors give
+        return s if s < at[0] else s - len(at) + width  # the index dims take the indexed block's place
 
     def broadcast(self, node, ins):
         out_nd, found = len(_shape(node) or ()), set()
@@ -313,10 +336,11 @@ class _Pass:
             dims = [_dim(node.args[2] if len(node.args) > 2 else -1, nd)]
         elif t in _SOFTMAX:
             dims = [_dim(node.args[1] if len(node.args) > 1 else -1, nd)]
-        else:
-            arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            dims = list(range(nd)) if arg is None else [_dim(d, nd) for d in (arg if isinstance(arg, (list, tuple))
-                                                                              else [arg])]
+        else:  # no dim, or an empty list of dims: every dim (linalg_vector_norm's dim comes after ord)
+            position = 2 if t is aten.linalg_vector_norm.default else 1
+            arg = node.args[position] if len(node.args) > position else node.kwargs.get("dim")
+            arg = [arg] if isinstance(arg, int) else list(arg or [])
+            dims = [_dim(d, nd) for d in arg] or list(range(nd))
         if s in dims:
             self.fail(node, f"runs over dim {s}, which is split over tp (it needs every rank's features)")
         value = _val(node)
@@ -344,8 +368,11 @@ class _Pass:
         if heads != {1}:
             self.fail(node, f"attends over q / k / v split along dims {sorted(heads, key=str)}, not their heads")
         for other in ins:
-            if other not in (q, k, v) and self.state.get(other) is None and (_shape(other)[1:2] or (1,))[0] != 1:
-                self.fail(node, f"attends with a mask / bias whole over {_shape(other)[1]} heads")
+            if other in (q, k, v) or self.state.get(other) == 1:
+                continue
+            if self.state.get(other) is not None or (_shape(other)[1:2] or (1,))[0] != 1:
+                self.fail(node, f"attends with a mask / bias split along dim {self.state.get(other)} or whole over "
+                          f"{_shape(other)[1]} heads")
         value = _val(node)
         outs = value if isinstance(value, (list, tuple)) else [value]
         mapped = [1 if torch.is_tensor(o) and o.dim() >= 3 else None for o in outs]

@@ -125,7 +125,8 @@ def trace_block(layer: nn.Module, call) -> BlockTrace:
     nodes = list(trace.graph.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     trace.names = dict(zip(placeholders, list(params)))  # the dict's leaves come first, in order
-    for start, end, path in sorted(spans, key=lambda s: s[1] - s[0], reverse=True):  # innermost wins
+    # the innermost module wins: shorter spans, and on a tie (a wrapper of one module) the deeper path, last
+    for start, end, path in sorted(spans, key=lambda s: (s[1] - s[0], -s[2].count(".")), reverse=True):
         for node in nodes[start:end]:
             trace.owner[node] = path
     return trace

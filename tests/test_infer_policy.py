@@ -46,7 +46,7 @@ UNREGISTERED = {
 # GLM-4.5 (glm4_moe) and AFMoE have a dense first layer and expert layers after it (each kind is
 # traced and checked; entries of one kind are `optional` in the other).
 MOE = {"num_experts": 4, "moe_intermediate_size": 32, "num_experts_per_tok": 2, "head_dim": 8}
-TRACED = {"stablelm": {}, "persimmon": {}, "gpt_neox": {}, "glm4": {"head_dim": 8}, "cohere2_moe": {"head_dim": 8},
+TRACED = {"stablelm": {}, "persimmon": {"num_key_value_heads": None}, "gpt_neox": {"num_key_value_heads": None}, "glm4": {"head_dim": 8}, "cohere2_moe": {"head_dim": 8},
           "qwen3_moe": MOE, "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 48},
           "glm4_moe": {**MOE, "n_routed_experts": 4, "n_group": 1, "topk_group": 1}, "afmoe": MOE}
 NO_PLAN = {"stablelm", "persimmon"}  # no tp plan in any supported transformers: the notice says "trace"
@@ -210,6 +210,18 @@ def test_derived_policies_with_sequence_and_pipeline_parallelism(pools):
     assert all(max(w.values()) <= TOL for w in worst), worst
 
 
+class _NormalizedMLP(torch.nn.Module):
+    """LLaMA's MLP with its hidden features normalised (over all of them) before down_proj."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(torch.nn.functional.normalize(h, dim=-1))
+
+
 def _raises(model, *patterns):
     with pytest.raises(ValueError) as info:
         sf.infer_policy(model)
@@ -229,6 +241,14 @@ def test_what_it_cannot_handle_is_a_value_error():
     _raises(build("olmo2"), r"base_model_tp_plan\['layers\.\*\.self_attn\.q_proj'\]='colwise_gather_output'",
             r"op aten\.mean\.dim in model\.model\.layers\.0\.self_attn\.q_norm \(Olmo2RMSNorm\)",
             r"modeling_olmo2\.py:\d+: variance = ", r"runs over dim 2, which is split over tp")
+    # an op that would need every rank's features between two linears (a norm over the MLP's
+    # split features, F.normalize: linalg_vector_norm, whose dims follow its `ord`)
+    model = build("llama")
+    model.config.base_model_tp_plan = None
+    for layer in model.model.layers:
+        layer.mlp = _NormalizedMLP(layer.mlp)
+    _raises(model, r"op aten\.linalg_vector_norm\.default in model\.model\.layers\.0\.mlp \(_NormalizedMLP\)",
+            r"test_infer_policy\.py:\d+: ", r"runs over dim 2, which is split over tp")
     # a plan that splits wrongly (edited here): the block check names the block and the op
     model = build("llama")
     model.config.base_model_tp_plan = {**model.config.base_model_tp_plan, "layers.*.mlp.up_proj": "rowwise",
