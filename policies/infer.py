@@ -6,7 +6,8 @@ Where the split comes from, in this order:
         "colwise" -> column_parallel, "rowwise" -> row_parallel,
         "replicated_with_grad_allreduce" -> tp_partial (whole on every rank, gradients summed),
         "embedding_rowwise" on the token embedding -> the vocab-parallel embedding (always used);
-  2. otherwise (no plan, or entries such as packed / gathered projections or experts), a
+  2. otherwise (no plan, entries such as packed / gathered projections or experts, or a plan
+     whose split fails the block check below), a
      `torch.fx` trace of the first decoder block (`trace.py`, `split_rules.py`): matmuls with a
      parameter reading the block's whole input and feeding another such matmul are column-
      parallel, those reading split features are row-parallel, a column output cut along its
@@ -266,42 +267,56 @@ def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
     layer_list = model.base_model.get_submodule(fields["layers"])
     kinds = layer_kinds(layer_list)
     probe = probe_model(model, max(kinds) + 1)  # the model itself, unless it is on the meta device
-    layer = layer_list[0]
-    traced, source = None, "config.base_model_tp_plan"
-    try:
-        split = _translate_tp_plan(model, fields["embedding"], fields["layers"])
-        fields |= _attention(model, layer, split["column"])
-    except DeriveFailure as no_plan:
-        base = _path_of(probe, probe.base_model)
-        probe_layers = probe.base_model.get_submodule(fields["layers"])
-        traced = []
-        for index in kinds:
-            where = f"model.{base + '.' if base else ''}{fields['layers']}.{index}"
-            block = probe_layers[index]
-            try:
-                traced.append(derive_split(block, _block_inputs(probe, block), _trace_tp(config), where))
-            except DeriveFailure as no_trace:
-                raise inference_error(f"{no_plan}; a torch.fx trace of {where} ({type(block).__name__}) found no split "
-                                      f"either: {no_trace}") from None
-        traced = merge_splits(traced)
-        split, source = {"column": traced.column, "row": traced.row, "partial": []}, "a torch.fx trace of one decoder block"
-        if len(kinds) > 1:
-            source = f"a torch.fx trace of one decoder block of each kind (layers {', '.join(map(str, kinds))})"
-        try:
-            fields |= _attention(model, layer, split["column"], traced)
-        except DeriveFailure as no_attention:
-            raise inference_error(f"{no_plan}; after a torch.fx trace of {where}: {no_attention}") from None
     fields["embedding_scale"] = _embedding_scale(probe.base_model.get_submodule(fields["embedding"]))
     fields["whole_sequence_output"] = reshapes_to_whole_sequence(probe, fields["final_norm"])
-    if traced:
-        fields["packed"] = {e: _packed_attrs(config, e, w, traced.head_dims.get(e)) for e, w in traced.packed.items()}
-        fields["experts"] = traced.experts
+    try:
+        split = _translate_tp_plan(model, fields["embedding"], fields["layers"])
+        attention = _attention(model, layer_list[0], split["column"])
+    except DeriveFailure as no_plan:
+        why = str(no_plan)
+    else:
+        policy = _policy(config, layer_list, split, fields | attention)
+        try:
+            return check_block(probe, policy, tp_size, kinds), "config.base_model_tp_plan"
+        except ValueError as failed:  # a plan that splits this model wrongly: the trace may do better
+            why = f"the split of model.config.base_model_tp_plan failed its check ({_reason(failed)})"
+    base = _path_of(probe, probe.base_model)
+    probe_layers = probe.base_model.get_submodule(fields["layers"])
+    traced = []
+    for index in kinds:
+        where = f"model.{base + '.' if base else ''}{fields['layers']}.{index}"
+        block = probe_layers[index]
+        try:
+            traced.append(derive_split(block, _block_inputs(probe, block), _trace_tp(config), where))
+        except DeriveFailure as no_trace:
+            raise inference_error(f"{why}; a torch.fx trace of {where} ({type(block).__name__}) found no split "
+                                  f"either: {no_trace}") from None
+    traced = merge_splits(traced)
+    split = {"column": traced.column, "row": traced.row, "partial": []}
+    try:
+        attention = _attention(model, layer_list[0], split["column"], traced)
+    except DeriveFailure as no_attention:
+        raise inference_error(f"{why}; after a torch.fx trace of {where}: {no_attention}") from None
+    fields |= attention | {"experts": traced.experts, "packed": {
+        e: _packed_attrs(config, e, w, traced.head_dims.get(e)) for e, w in traced.packed.items()}}
+    source = "a torch.fx trace of one decoder block"
+    if len(kinds) > 1:
+        source = f"a torch.fx trace of one decoder block of each kind (layers {', '.join(map(str, kinds))})"
+    return check_block(probe, _policy(config, layer_list, split, fields), tp_size, kinds), source
+
+
+def _policy(config, layer_list, split: dict, fields: dict) -> Policy:
+    """The derived Policy: `split`'s entries (those missing from some layers `optional`) and `fields`."""
     entries = list(split["column"]) + list(split["row"]) + list(split["partial"]) + list(fields.get("experts", {}))
-    fields["optional"] = tuple(e for e in entries if not all(_has(each, e) for each in layer_list))
-    policy = Policy(name=_class_name(config.model_type), model_types=(config.model_type,),
-                    column_parallel=tuple(split["column"]), row_parallel=tuple(split["row"]),
-                    tp_partial=tuple(split["partial"]), fused_final_norm=False, **fields)
-    return check_block(probe, policy, tp_size, kinds), source
+    optional = tuple(e for e in entries if not all(_has(each, e) for each in layer_list))
+    return Policy(name=_class_name(config.model_type), model_types=(config.model_type,),
+                  column_parallel=tuple(split["column"]), row_parallel=tuple(split["row"]),
+                  tp_partial=tuple(split["partial"]), fused_final_norm=False, optional=optional, **fields)
+
+
+def _reason(err: ValueError) -> str:
+    """An infer_policy error's own words (without its prefix and its pointer to the guide)."""
+    return str(err).removeprefix("sf.infer_policy: ").split("; write a policy for it instead")[0]
 
 
 def _trace_tp(config) -> int:

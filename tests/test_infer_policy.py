@@ -222,6 +222,13 @@ class _NormalizedMLP(torch.nn.Module):
         return self.down_proj(torch.nn.functional.normalize(h, dim=-1))
 
 
+def _normalized(model):
+    """`model` (a LLaMA) with each MLP normalising its hidden features (_NormalizedMLP)."""
+    for layer in model.model.layers:
+        layer.mlp = _NormalizedMLP(layer.mlp)
+    return model
+
+
 def _raises(model, *patterns):
     with pytest.raises(ValueError) as info:
         sf.infer_policy(model)
@@ -243,23 +250,37 @@ def test_what_it_cannot_handle_is_a_value_error():
             r"modeling_olmo2\.py:\d+: variance = ", r"runs over dim 2, which is split over tp")
     # an op that would need every rank's features between two linears (a norm over the MLP's
     # split features, F.normalize: linalg_vector_norm, whose dims follow its `ord`)
-    model = build("llama")
+    model = _normalized(build("llama"))
     model.config.base_model_tp_plan = None
-    for layer in model.model.layers:
-        layer.mlp = _NormalizedMLP(layer.mlp)
     _raises(model, r"op aten\.linalg_vector_norm\.default in model\.model\.layers\.0\.mlp \(_NormalizedMLP\)",
             r"test_infer_policy\.py:\d+: ", r"runs over dim 2, which is split over tp")
-    # a plan that splits wrongly (edited here): the block check names the block and the op
-    model = build("llama")
+    # a plan that splits wrongly (edited here) on a block the trace cannot handle either: the block
+    # check names the block and the op, then the trace's stop
+    model = _normalized(build("llama"))
     model.config.base_model_tp_plan = {**model.config.base_model_tp_plan, "layers.*.mlp.up_proj": "rowwise",
                                        "layers.*.mlp.down_proj": "colwise"}
-    _raises(model, r"model\.model\.layers\.0 \(LlamaDecoderLayer\) failed", r"RuntimeError in forward \(")
-    # a split that runs but computes something else (a norm whose gradient is complete on every
-    # rank declared partial): the block check names the block and the gradient
-    model = build("llama")
-    model.config.base_model_tp_plan = {**model.config.base_model_tp_plan,
+    _raises(model, r"the split of model\.config\.base_model_tp_plan failed its check \(model\.model\.layers\.0 "
+            r"\(LlamaDecoderLayer\) failed", r"RuntimeError in forward \(", r"op aten\.linalg_vector_norm")
+    # a plan split that runs but computes something else (a norm whose gradient is complete on
+    # every rank declared partial): the block check names the block and the gradient
+    model = _normalized(build("llama"))
+    model.config.base_model_tp_plan = {**{k: v for k, v in model.config.base_model_tp_plan.items() if "mlp" not in k},
                                        "layers.*.input_layernorm": "replicated_with_grad_allreduce"}
-    _raises(model, r"does not reproduce model\.model\.layers\.0 at tp=2: input_layernorm\.weight's gradient")
+    _raises(model, r"does not reproduce model\.model\.layers\.0 at tp=2: input_layernorm\.weight's gradient",
+            r"op aten\.linalg_vector_norm")
+
+
+def test_a_wrong_plan_falls_back_to_the_trace():
+    """A plan whose split fails the block check (edited here: up / down swapped, a norm declared
+    partial) is replaced by the trace's split, which is the hand-written one."""
+    from shardformer.policies.infer import _infer
+
+    for edit in ({"layers.*.mlp.up_proj": "rowwise", "layers.*.mlp.down_proj": "colwise"},
+                 {"layers.*.input_layernorm": "replicated_with_grad_allreduce"}):
+        model = build("llama")
+        model.config.base_model_tp_plan = {**model.config.base_model_tp_plan, **edit}
+        policy, source = _infer(model, 2)
+        assert _split(policy) == _split(sf.policies.get_policy(model)) and "torch.fx" in source, (edit, source)
 
 
 def check_shard_model_raises_everywhere() -> str:
