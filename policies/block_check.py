@@ -98,29 +98,33 @@ def layer_kinds(layers) -> list[int]:
     return sorted(first.values())
 
 
+def _run_base(model: nn.Module):
+    """The base model's output for SEQ fixed token ids, without gradients, quietly (eval mode)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(SEQ, device=next(model.parameters()).device) * 7 + 1).remainder(vocab).unsqueeze(0)
+    with torch.no_grad(), _quietly(model):
+        return model.base_model(input_ids=ids, use_cache=False)
+
+
 def _block_inputs(model: nn.Module, layer: nn.Module):
-    """(args, kwargs) the model passes its first decoder layer for SEQ tokens."""
+    """(args, kwargs) the model passes its decoder layer `layer` for SEQ tokens."""
     captured = {}
 
     def stop(module, args, kwargs):
         captured["call"] = (args, kwargs)
         raise _Stop
 
-    vocab = model.get_input_embeddings().num_embeddings
-    device = next(model.parameters()).device
-    ids = (torch.arange(SEQ, device=device) * 7 + 1).remainder(vocab).unsqueeze(0)
     handle = layer.register_forward_pre_hook(stop, with_kwargs=True)
     try:
-        with torch.no_grad(), _quietly(model):
-            model.base_model(input_ids=ids, use_cache=False)
+        _run_base(model)
     except _Stop:
         pass
     except Exception as err:  # noqa: BLE001 - reported with the op that raised
-        raise _fail(f"{type(model.base_model).__name__} did not run up to its first decoder layer: {_where(err)}")
+        raise _fail(f"{type(model.base_model).__name__} did not run up to its decoder layer: {_where(err)}")
     finally:
         handle.remove()
     if "call" not in captured:
-        raise _fail(f"{type(model.base_model).__name__} did not call its first decoder layer")
+        raise _fail(f"{type(model.base_model).__name__} did not call its decoder layer {type(layer).__name__}")
     return captured["call"]
 
 
@@ -130,13 +134,9 @@ def reshapes_to_whole_sequence(model: nn.Module, final_norm: str | None) -> bool
     the first half of the sequence, and the base model then fails or returns more than that."""
     if final_norm is None:
         return False
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = (torch.arange(SEQ, device=next(model.parameters()).device) * 7 + 1).remainder(vocab).unsqueeze(0)
     handle = model.base_model.get_submodule(final_norm).register_forward_hook(lambda m, a, out: out[:, :SEQ // 2])
     try:
-        with torch.no_grad(), _quietly(model):
-            out = model.base_model(input_ids=ids, use_cache=False)
-        return out[0].shape[1] != SEQ // 2  # last_hidden_state (a ModelOutput or a tuple)
+        return _run_base(model)[0].shape[1] != SEQ // 2  # last_hidden_state (a ModelOutput or a tuple)
     except torch.OutOfMemoryError:
         raise
     except Exception:  # noqa: BLE001 - a reshape to the whole length fails on half of it

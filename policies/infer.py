@@ -330,7 +330,7 @@ def _trace_tp(config) -> int:
     return next((d for d in range(2, math.gcd(heads, kv) + 1) if heads % d == 0 and kv % d == 0), 2)
 
 
-def describe(policy: Policy, tp: int, source: str = "config.base_model_tp_plan") -> str:
+def describe(policy: Policy, tp: int, source: str) -> str:
     """One line naming what `infer_policy` derived."""
     parts = [f"column {', '.join(policy.column_parallel)}", f"row {', '.join(policy.row_parallel)}"]
     for entry, params in policy.experts.items():

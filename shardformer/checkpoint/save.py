@@ -34,7 +34,7 @@ from ..sharding import full as whole_over_dp, gather_full, sharded_parameters
 _WEIGHTS, _INDEX, _TMP = "model.safetensors", "model.safetensors.index.json", ".safetensors.tmp"
 
 
-def _weight_files(directory, suffixes) -> list[str]:
+def _weight_file_names(directory, suffixes) -> list[str]:
     """Names in `directory` of weight files (model*) ending with one of `suffixes`."""
     return [name for name in os.listdir(directory) if name.startswith("model") and name.endswith(suffixes)]
 
@@ -108,7 +108,7 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, m
     with all_or_none(None, "sf.save_pretrained"):
         if dist.get_rank() == 0:
             os.makedirs(save_directory, exist_ok=True)
-            for old in _weight_files(save_directory, _TMP):  # left by a save that was killed part-way
+            for old in _weight_file_names(save_directory, _TMP):  # left by a save that was killed part-way
                 os.remove(os.path.join(save_directory, old))
     dist.barrier()
     files = _ShardWriter(save_directory, stage, limit) if writer else None
@@ -181,7 +181,7 @@ def _name_files(model, directory, parts) -> None:
         os.replace(os.path.join(directory, tmp), os.path.join(directory, final))
         for key, size in sizes.items():
             weight_map[key], total = final, total + size
-    for old in _weight_files(directory, (".safetensors", ".safetensors.index.json")):
+    for old in _weight_file_names(directory, (".safetensors", ".safetensors.index.json")):
         if old not in names:  # an earlier save's files would shadow or mix with these
             os.remove(os.path.join(directory, old))
     if len(parts) > 1:
