@@ -6,6 +6,7 @@ from .gemma import Gemma2Policy, Gemma3TextPolicy
 from .gpt2 import GPT2Policy
 from .llama import LlamaPolicy, MistralPolicy, Qwen2Policy
 from .mixtral import MixtralPolicy
+from .olmo import Olmo2Policy, OlmoePolicy
 from .phi3 import Phi3Policy
 from .qwen3 import Qwen3Policy
 
@@ -26,5 +27,7 @@ __all__ = [
     "Gemma3TextPolicy",
     "GPT2Policy",
     "MixtralPolicy",
+    "Olmo2Policy",
+    "OlmoePolicy",
     "BertPolicy",
 ]

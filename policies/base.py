@@ -79,6 +79,11 @@ class Policy:
         tp_partial: modules in each layer whose parameters stay whole on every tp rank but see
             only this rank's heads (e.g. per-head q / k norms): their gradients are summed over
             the tp group.
+        split_norms: {RMSNorm in each layer: the column_parallel entry whose output it
+            normalises}: a norm over all heads' features together (OLMo 2's `q_norm` / `k_norm`
+            over the whole query / key projection), so over features split over tp. Its weight
+            is split as that linear's outputs and each row's sum of squares is all-reduced over
+            tp (`shardformer/tensor_parallel/norm.py`); the module's formula is checked at setup.
         attention: the attention module in each layer.
         attention_local_attrs: attributes of the attention module to rewrite with the per-rank
             value; values are "q_heads", "kv_heads", "groups" (q heads per KV head) or "q_width"
@@ -142,6 +147,7 @@ class Policy:
     kv_projections: tuple[str, ...] = ()
     packed: FrozenDict = FrozenDict()
     tp_partial: tuple[str, ...] = ()
+    split_norms: FrozenDict = FrozenDict()
     attention: str = "self_attn"
     attention_local_attrs: FrozenDict = FrozenDict()
     attention_local_config: FrozenDict = FrozenDict()

@@ -6,7 +6,8 @@ from transformers import (
     BertConfig, BertForMaskedLM, BertForSequenceClassification, MixtralConfig, MixtralForCausalLM,
     Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel,
     LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel,
-    MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig,
+    OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
     Qwen3Config, Qwen3ForCausalLM,
 )
 
@@ -32,6 +33,12 @@ FAMILIES = {
                                                bos_token_id=1, eos_token_id=2)),
     # 4 experts, 2 per token; experts_implementation stays HF's default (grouped_mm, eager on 5.17)
     "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=4, num_experts_per_tok=2)),
+    # q_norm / k_norm over all heads (split_norms); OLMo 3 with a 4-token window (HF's layer pattern:
+    # 3 sliding layers of 4, so all sliding at 2 layers, the 4th full at 4)
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM, dict(bos_token_id=1, eos_token_id=2)),
+    "olmo3": (Olmo3Config, Olmo3ForCausalLM, dict(bos_token_id=1, eos_token_id=2, sliding_window=4)),
+    "olmoe": (OlmoeConfig, OlmoeForCausalLM, dict(bos_token_id=1, eos_token_id=2, num_experts=4,
+                                                  num_experts_per_tok=2)),
     # multi-head encoder; dropout off so that runs compare
     "bert": (BertConfig, BertForMaskedLM, dict(num_key_value_heads=None, hidden_dropout_prob=0.0,
                                                attention_probs_dropout_prob=0.0)),
@@ -40,7 +47,7 @@ FAMILIES = {
 }
 
 
-def _randomize(suffix: str):
+def _randomize(suffix: str, mean: float = 0.0):
     """Parameters HF initialises to a constant 0 (Gemma's (1 + weight) norm weights, GPT-2's
     biases) sit at about +-lr after one AdamW step, where the relative weight comparison would
     measure Adam's conditioning instead of the sharding: start those ending in `suffix` at random
@@ -50,7 +57,7 @@ def _randomize(suffix: str):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith(suffix):
-                    p.normal_(0.0, 0.1)
+                    p.normal_(mean, 0.1)
 
     return prepare
 
@@ -65,7 +72,9 @@ def _bert(model) -> None:
             p.requires_grad_(False)
 
 
-PREPARE = {"gemma2": _randomize("norm.weight"), "gemma3": _randomize("norm.weight"), "gpt2": _randomize(".bias"),
+# OLMo's q / k norm weights (ones at init) start apart, so a piece cut from the wrong place shows
+_OLMO = _randomize("_norm.weight", mean=1.0)
+PREPARE = {"olmo2": _OLMO, "olmo3": _OLMO, "olmoe": _OLMO, "gemma2": _randomize("norm.weight"), "gemma3": _randomize("norm.weight"), "gpt2": _randomize(".bias"),
            "bert": _bert, "bert-seqcls": _bert}
 
 

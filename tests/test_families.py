@@ -12,12 +12,16 @@ from .test_pipeline import check_pipeline
 # margin (9.9e-6 for Gemma 3 split_gather; 1e-6 in fp64), with two 5e-6.
 SEQUENCE_MODES = {"qwen3": ("split_gather", "all_to_all", "ring"), "phi3": ("split_gather", "all_to_all", "ring"),
                   "gemma2": ("split_gather", "all_to_all"), "gemma3": ("split_gather", "all_to_all"),
-                  "gpt2": ("split_gather",), "mixtral": ("all_to_all", "ring")}
+                  "gpt2": ("split_gather",), "mixtral": ("all_to_all", "ring"),
+                  "olmo2": ("split_gather", "all_to_all", "ring"), "olmo3": ("split_gather", "all_to_all"),
+                  "olmoe": ("all_to_all", "ring")}
 SEQUENCE_RUNS = {"qwen3": (False, 1), "phi3": (False, 1), "gemma2": (True, 2), "gemma3": (True, 2),
-                 "gpt2": (True, 1), "mixtral": (False, 1)}
+                 "gpt2": (True, 1), "mixtral": (False, 1), "olmo2": (False, 1), "olmo3": (True, 1),
+                 "olmoe": (False, 1)}
 # Families run over 2 pipeline stages (4 layers, 1F1B, 2 microbatches), with tied embeddings or not.
 # GPT-2 and BERT refuse pipelines; Mixtral's are tested below (also with tp).
-PIPELINES = {"qwen3": False, "phi3": False, "gemma2": True, "gemma3": True}
+PIPELINES = {"qwen3": False, "phi3": False, "gemma2": True, "gemma3": True, "olmo2": False, "olmo3": True,
+             "olmoe": False}
 
 
 @pytest.mark.parametrize("family,sp_mode", [(f, m) for f, modes in SEQUENCE_MODES.items() for m in modes])

@@ -11,7 +11,9 @@ split by tp) every rank sees the whole sequence. No HF forward is touched; the s
     .tp_input_copies`) compute those linears at once (`_GatheredLinears`): one all-gather of the
     sequence chunk, cut to S, one matmul per linear; only the chunk is kept for backward, which
     gathers it again once and reduce-scatters the input gradient once (it is partial: each rank
-    holds other output features). Each linear then returns its precomputed output;
+    holds other output features). Each linear then returns its precomputed output; column
+    linears that no producer hands their input (post-norm layers: OLMo 2) have it gathered at
+    the input of the module holding them (`_GatherAtInput`);
   * row-parallel linears reduce-scatter their partial products along the sequence instead of
     all-reducing them (backward: all-gather);
   * the final norm's output is gathered for the LM head (backward: reduce-scatter for the
@@ -46,6 +48,7 @@ class SplitGatherPlan:
     gathers: dict[str, int] = field(default_factory=dict)  # producer path -> layer index
     consumers: dict[str, list[str]] = field(default_factory=dict)  # producer path -> column linears
     rows: dict[str, int] = field(default_factory=dict)  # row-parallel linear path -> layer index
+    own_gathers: dict[str, int] = field(default_factory=dict)  # column linear with no producer -> layer index
     final_norm: str = ""
     head_input_partial: bool = True  # the final norm feeds a vocab-parallel head
     stage_starts: set[int] = field(default_factory=lambda: {0})  # layers whose input is split
@@ -56,11 +59,6 @@ def plan_split_gather(model: nn.Module, policy, tp_plan) -> SplitGatherPlan:
     """Validate split_gather against the policy and the tensor-parallel plan (no collective;
     `ShardConfig` already checked tp_size > 1 and sp_size == 1)."""
     gathered = {path for targets in tp_plan.input_copies.values() for path in targets}
-    ungathered = sorted(p for p, kind in tp_plan.kinds.items() if kind == "column" and p not in gathered)
-    if ungathered:
-        raise policy.entry_error("tp_input_copies", dict(policy.tp_input_copies),
-                                 f"must cover every column-parallel linear for sp_mode='split_gather' "
-                                 f"(missing {ungathered[0]})")
     final_norm = resolve_final_norm(model, policy, tp_plan,
                                     "for sp_mode='split_gather' (the sequence is gathered after it)")
     layers = layer_paths(model, tp_plan)
@@ -68,11 +66,19 @@ def plan_split_gather(model: nn.Module, policy, tp_plan) -> SplitGatherPlan:
     def layer_of(path):
         return next(i for i, layer in enumerate(layers) if path.startswith(layer + "."))
 
+    own_gathers = {p: layer_of(p) for p, kind in tp_plan.kinds.items() if kind == "column" and p not in gathered}
+    for path, i in own_gathers.items():
+        if path.rpartition(".")[0] == layers[i]:
+            raise policy.entry_error("tp_input_copies", dict(policy.tp_input_copies),
+                                     f"does not hand model.{path} its input, and it sits directly in its decoder "
+                                     "layer: sp_mode='split_gather' gathers such a linear's input at the module "
+                                     "holding it (an attention or MLP module)")
     return SplitGatherPlan(
         layers,
         gathers={owner: layer_of(owner) for owner in tp_plan.input_copies},
         consumers={owner: list(targets) for owner, targets in tp_plan.input_copies.items()},
         rows={p: layer_of(p) for p, kind in tp_plan.kinds.items() if kind == "row"},
+        own_gathers=own_gathers,
         final_norm=final_norm,
         head_input_partial=tp_plan.head_path is not None,
     )
@@ -145,6 +151,36 @@ def _refuse_other_input(path: str):
     return refuse
 
 
+class _GatherAtInput:
+    """Column-parallel linears that no `tp_input_copies` producer hands their input (a post-norm
+    layer such as OLMo 2's feeds q / k / v the layer's own input): a pre-hook on the module that
+    holds them (`self_attn`, `mlp`) gathers its hidden-states chunk once (`gather_seq`: backward
+    reduce-scatters the linears' summed partial gradient), so HF's code there sees the whole
+    sequence; each linear must then be called with that gathered tensor (else a RuntimeError)."""
+
+    def __init__(self, length: SequenceLength, group, path: str):
+        self.length, self.group, self.path, self.gathered = length, group, path, None
+
+    def pre_hook(self, module, args, kwargs):
+        def gather(h):
+            self.gathered = gather_seq(h, SEQ_DIM, self.length.full, self.group, True)
+            return self.gathered
+
+        return with_hidden_states(args, kwargs, gather)
+
+    def clear(self, *_) -> None:
+        self.gathered = None
+
+    def checker(self, linear_path: str):
+        def check(x):
+            if x is not self.gathered:
+                raise RuntimeError(f"sp_mode='split_gather': {linear_path} was called with an input other than "
+                                   f"{self.path}'s hidden states, which split_gather gathered for it")
+            return x
+
+        return check
+
+
 def _gather_hook(length: SequenceLength, group, reduce_grad: bool = True):
     def hook(module, args, output):
         return gather_seq(output, SEQ_DIM, length.full, group, reduce_grad)
@@ -178,6 +214,16 @@ def apply_split_gather(model: nn.Module, plan: SplitGatherPlan, tp_handles: dict
         for path, linear in zip(plan.consumers[owner], linears):
             linear.sequence_input = _refuse_other_input(path)
         model.get_submodule(owner).register_forward_hook(_linears_hook(lengths[i], group, linears))
+    holders = {}
+    for path, i in plan.own_gathers.items():
+        parent = path.rpartition(".")[0]
+        if parent not in holders:
+            holders[parent] = _GatherAtInput(lengths[i], group, parent)
+            module = model.get_submodule(parent)
+            module.register_forward_pre_hook(holders[parent].pre_hook, with_kwargs=True)
+            module.register_forward_hook(holders[parent].clear)
+        linear = model.get_submodule(path)
+        linear.sequence_input = holders[parent].checker(path)
     for path in plan.rows:
         row = model.get_submodule(path)
         row.sequence_dim = SEQ_DIM

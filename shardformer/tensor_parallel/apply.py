@@ -1,5 +1,6 @@
 """Apply a tensor-parallel plan (see `plan.py`) to an unmodified HF model by substituting leaf
-modules: planned `nn.Linear`s become column / row parallel linears, the token embedding and the LM
+modules: planned `nn.Linear`s become column / row parallel linears (and `split_norms` split
+RMSNorms over their outputs), the token embedding and the LM
 head become vocab parallel (slicing the existing weights, so the sharded model starts identical
 to the unsharded one), and the vocab-parallel loss is installed through the model's
 `loss_function` hook. No collective runs here.
@@ -20,6 +21,7 @@ from .embedding import VocabParallelEmbedding
 from .experts import apply_experts
 from .linear import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
 from .local_config import LocalConfig
+from .norm import SplitRMSNorm
 from .loss import LOSSES
 from .plan import TensorParallelPlan
 
@@ -60,6 +62,8 @@ def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, policy, gr
         module = model.get_submodule(path)
         record_specs(module, **{name: ShardSpec(0, 0, 1, plan.tp, partial=True)
                                 for name, _ in module.named_parameters(recurse=False)})
+    for path, (spec, form) in plan.split_norms.items():
+        policy.replace(model, path, SplitRMSNorm.from_norm(model.get_submodule(path), spec, form, group, tp_rank))
     for path, specs in plan.experts.items():
         apply_experts(model.get_submodule(path), specs, group, tp_rank)
     for path, attrs in plan.attention_attrs.items():

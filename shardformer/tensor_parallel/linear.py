@@ -60,7 +60,8 @@ class ColumnParallelLinear(nn.Module):
     copy_input = True
     # Sequence parallelism (split_gather) computes this linear together with its siblings from
     # their shared sequence chunk and leaves (input, output) here for the call that follows;
-    # `sequence_input` handles a call with another input (split_gather refuses it).
+    # `sequence_input` handles a call with another input (split_gather refuses it, or gathers it
+    # when no producer hands the linear its input).
     sf_precomputed = None
     sequence_input = None
 

@@ -12,6 +12,7 @@ from ..sharding import ShardSpec
 from .embedding import VocabParallelEmbedding
 from .experts import plan_experts
 from .linear import weight_layout
+from .norm import rms_norm_form
 
 
 @dataclass
@@ -29,6 +30,7 @@ class TensorParallelPlan:
     input_copies: dict[str, list[str]] = field(default_factory=dict)  # producer path -> linear paths
     partial_modules: list[str] = field(default_factory=list)  # whole on every rank, gradients summed over tp
     experts: dict[str, dict[str, ShardSpec]] = field(default_factory=dict)  # experts module path -> {param: spec}
+    split_norms: dict[str, tuple[ShardSpec, tuple[float, bool]]] = field(default_factory=dict)  # path -> (spec, form)
     vocab_spec: ShardSpec | None = None
     embedding_scale: float | None = None  # the embedding's output multiplier (Policy.embedding_scale)
 
@@ -122,6 +124,31 @@ def _embedding_scale(embedding: nn.Embedding, policy, path: str) -> float | None
     return float(torch.tensor(value, dtype=torch.float32))
 
 
+def _plan_split_norms(plan: TensorParallelPlan, policy, layer: nn.Module, prefix: str, layer_name: str) -> None:
+    """`Policy.split_norms` of one layer: each norm's weight split as the outputs of the column
+    linear it normalises (same spec, KV replicas included), its formula checked (`rms_norm_form`)."""
+    for entry, linear in policy.split_norms.items():
+        try:
+            norm = policy.resolve(layer, entry, layer_name, "split_norms")
+        except ValueError:
+            if entry in policy.optional:
+                continue
+            raise
+        spec = plan.specs.get(prefix + linear)
+        if spec is None or plan.kinds[prefix + linear] != "column":
+            raise policy.entry_error("split_norms", {entry: linear}, f"names {linear}, not a column_parallel entry "
+                                     f"of {layer_name}")
+        if spec.parts:
+            raise policy.entry_error("split_norms", {entry: linear}, f"names the packed projection {linear}: a norm "
+                                     "over packed parts is not supported")
+        weight = getattr(norm, "weight", None)
+        if weight is None or tuple(weight.shape) != (spec.full,):
+            shape = None if weight is None else tuple(weight.shape)
+            raise policy.entry_error("split_norms", {entry: linear}, f"normalises {shape} features in model.{prefix}"
+                                     f"{entry}, but model.{prefix}{linear} has {spec.full} outputs")
+        plan.split_norms[prefix + entry] = (spec, rms_norm_form(norm, prefix + entry))
+
+
 def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPlan:
     """Resolve and validate everything; no collective, no change to the model."""
     config = model.config
@@ -199,6 +226,7 @@ def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPla
                     continue
                 raise
             plan.partial_modules.append(prefix + entry)
+        _plan_split_norms(plan, policy, layer, prefix, f"{layers_path}.{i}")
         attention = policy.resolve(layer, policy.attention, f"{layers_path}.{i}", "attention")
         local = {"q_heads": heads // tp, "kv_heads": kv_heads // kv_shards}
         local["groups"] = local["q_heads"] // local["kv_heads"]
