@@ -9,13 +9,15 @@ mask and positions for 8 tokens, captured by a pre-hook that stops the model the
     plans it (`plan_tensor_parallel` specs, `split_tensor` pieces, per-rank head attributes):
     column linears with the identity forward / all-reduce backward on their input, row linears
     all-reducing their partial products in forward (`nn.Linear` or `Conv1D`), stacked experts
-    cut per expert with their inputs handed to the group and their output all-reduced, the
+    cut per expert with their inputs handed to the group and their output all-reduced,
+    `split_norms` as RMSNorms over split features (weight cut as their linear's outputs, each
+    row's sum of squares all-reduced in forward and backward, divided by the KV replicas), the
     all-reduces done between the threads.
 Every rank's output and input gradient must equal the unsharded block's, and every parameter's
 gradient, merged as the engine merges it (split pieces concatenated, KV replicas and
-`tp_partial` copies summed), too (relative error <= 1e-4, a gradient measured against at least
-1e-3 of the block's largest gradient entry, so that one zero up to rounding is no failure; a
-wrong split is off by order one).
+`tp_partial` copies summed; a split norm's weight as its linear's), too (relative error
+<= 1e-4, a gradient measured against at least 1e-3 of the block's largest gradient entry, so
+that one zero up to rounding is no failure; a wrong split is off by order one).
 A whole parameter whose per-rank gradients only sum to the unsharded one sees only this rank's
 features (Apertus' activation parameters): its module becomes `tp_partial`.
 No collective and no change to the model: the ranks are copies of the block sharing its
@@ -38,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 from shardformer.tensor_parallel.linear import _bias_spec, weight_layout
 
 from .infer import inference_error as _fail
-from .simulated_tp import CopyToGroup, RankLinear, SimulatedGroup, rank_experts
+from .simulated_tp import CopyToGroup, RankLinear, RankRMSNorm, SimulatedGroup, rank_experts
 
 TOL = 1e-4
 SEQ = 8
@@ -288,6 +290,8 @@ def _check_layer(model, policy, plan, tp: int, index: int):
     split_params = {f"{path}.weight": spec for path, (_, spec) in specs.items()}
     split_params |= {f"{path}.bias": _bias_spec(spec) for path, (kind, spec) in specs.items() if kind == "column"}
     split_params |= {f"{path}.{name}": spec for path, params in experts.items() for name, spec in params.items()}
+    norms = {p[len(prefix):]: n for p, n in plan.split_norms.items() if p.startswith(prefix)}
+    split_params |= {f"{path}.weight": spec for path, (spec, _) in norms.items()}
     column = {p for p, (kind, _) in specs.items() if kind == "column"}
     hidden = (call[0][0] if call[0] else call[1]["hidden_states"])
     probe = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0))
@@ -308,6 +312,8 @@ def _check_layer(model, policy, plan, tp: int, index: int):
                 policy.replace(block, path, linear)
             for path, params in experts.items():
                 rank_experts(block.get_submodule(path), params, group, rank)
+            for path, (spec, form) in norms.items():
+                policy.replace(block, path, RankRMSNorm(layer.get_submodule(path), spec, form, group, rank))
             for owner in copies:
                 block.get_submodule(owner).register_forward_hook(lambda m, a, out: CopyToGroup.apply(out, group, rank))
             for attr, value in attrs.items():

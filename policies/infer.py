@@ -12,9 +12,11 @@ Where the split comes from, in this order:
      parameter reading the block's whole input and feeding another such matmul are column-
      parallel, those reading split features are row-parallel, a column output cut along its
      features packs parts (`packed`, sized by the config attributes matching each part), a
-     3-D experts parameter becomes an `experts` entry, and the view after a projection gives the
-     head size. An op the split cannot pass (a norm over all heads, a split value meeting the
-     residual stream) is a ValueError naming the block, the op and its source line. With
+     3-D experts parameter becomes an `experts` entry, an RMSNorm over a whole column output
+     (OLMo 2's `q_norm` over all heads' queries) a `split_norms` entry, and the view after a
+     projection gives the head size. An op the split cannot pass (a norm over all heads of
+     another formula, a split value meeting the residual stream) is a ValueError naming the
+     block, the op and its source line. With
      decoder layers of several kinds (`block_check.layer_kinds`: a dense first layer, experts
      after it), one block of each kind is traced, the splits merged, and an entry missing from
      some layers is `optional`.
@@ -297,7 +299,7 @@ def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
         attention = _attention(model, layer_list[0], split["column"], traced)
     except DeriveFailure as no_attention:
         raise inference_error(f"{why}; after a torch.fx trace of {where}: {no_attention}") from None
-    fields |= attention | {"experts": traced.experts, "packed": {
+    fields |= attention | {"experts": traced.experts, "split_norms": traced.split_norms, "packed": {
         e: _packed_attrs(config, e, w, traced.head_dims.get(e)) for e, w in traced.packed.items()}}
     source = "a torch.fx trace of one decoder block"
     if len(kinds) > 1:
@@ -308,6 +310,7 @@ def _infer(model: nn.Module, tp_size: int) -> tuple[Policy, str]:
 def _policy(config, layer_list, split: dict, fields: dict) -> Policy:
     """The derived Policy: `split`'s entries (those missing from some layers `optional`) and `fields`."""
     entries = list(split["column"]) + list(split["row"]) + list(split["partial"]) + list(fields.get("experts", {}))
+    entries += list(fields.get("split_norms", {}))
     optional = tuple(e for e in entries if not all(_has(each, e) for each in layer_list))
     return Policy(name=_class_name(config.model_type), model_types=(config.model_type,),
                   column_parallel=tuple(split["column"]), row_parallel=tuple(split["row"]),
@@ -337,6 +340,8 @@ def describe(policy: Policy, tp: int, source: str) -> str:
         parts.append(f"experts {entry} ({', '.join(f'{k} {v}' for k, v in params.items())})")
     if policy.packed:
         parts.append(f"packed {', '.join(policy.packed)}")
+    if policy.split_norms:
+        parts.append(f"split norms {', '.join(f'{n} ({c})' for n, c in policy.split_norms.items())}")
     if policy.tp_partial:
         parts.append(f"partial {', '.join(policy.tp_partial)}")
     return (f"{policy.name} ({'; '.join(parts)}) from {source} and a run of one decoder "

@@ -9,7 +9,13 @@
                      transformers' `Conv1D`, computed as the engine computes it)
     rank_experts     one rank's stacked-experts module: its 3-D parameters cut to this rank's pieces,
                      its floating-point inputs through CopyToGroup and its output through
-                     ReduceFromGroup (as `shardformer/tensor_parallel/experts.py` does).
+                     ReduceFromGroup (as `shardformer/tensor_parallel/experts.py` does)
+    RankRMSNorm      one rank's RMSNorm over features split over tp (`Policy.split_norms`): its
+                     weight cut as the normalised linear's outputs (`split_tensor`, the linear's
+                     `ShardSpec`), the engine's own `split_rms_norm` formula with each row's sum
+                     of squares through ReduceFromGroup then CopyToGroup (all-reduced in forward
+                     and in backward, as `shardformer/tensor_parallel/norm.py` does), divided by
+                     the KV replicas.
 Backward runs on the calling thread for CPU tensors, so the threads' all-reduces pair up there too.
 """
 from __future__ import annotations
@@ -102,3 +108,25 @@ def rank_experts(module: nn.Module, specs: dict, group, rank: int) -> None:
                                                               {k: copy(v) for k, v in kwargs.items()}),
                                      with_kwargs=True)
     module.register_forward_hook(lambda m, args, out: ReduceFromGroup.apply(out, group, rank))
+
+
+class RankRMSNorm(nn.Module):
+    """One simulated rank's SplitRMSNorm (see the module docstring); `form` = (eps,
+    cast_before_weight) from `rms_norm_form`."""
+
+    def __init__(self, norm: nn.Module, spec, form: tuple[float, bool], group, rank: int):
+        from shardformer.sharding import split_tensor
+
+        super().__init__()
+        self.group, self.rank, self.features, self.replicas = group, rank, spec.full, spec.replicas
+        self.eps, self.cast_before_weight = form
+        self.weight = nn.Parameter(split_tensor(norm.weight.detach(), spec, rank))
+
+    def total(self, s: torch.Tensor) -> torch.Tensor:
+        s = CopyToGroup.apply(ReduceFromGroup.apply(s, self.group, self.rank), self.group, self.rank)
+        return s / self.replicas if self.replicas > 1 else s
+
+    def forward(self, x):
+        from shardformer.tensor_parallel.norm import split_rms_norm
+
+        return split_rms_norm(x, self.weight, self.eps, self.features, self.total, self.cast_before_weight)

@@ -11,7 +11,13 @@ rank (a tuple-valued op has a list). `propagate` walks the graph once in order:
   elementwise ops: split operands must agree and whole operands must broadcast along it;
   reductions, softmax, norms, sort / topk, cumsum: must not run over it;
   matmuls of two activations and attention kernels: over split heads / batch dims only;
-  split / chunk / slices of a column output along its features: packed parts, each split alone.
+  split / chunk / slices of a column output along its features: packed parts, each split alone;
+  a reduction over the split features inside a module call that `regions` names as an RMSNorm
+      (`Policy.split_norms`): allowed when that call reads exactly one split tensor, the uncut
+      output of a column-parallel matmul split along its features, besides the norm's own 1-D
+      `weight` of that output's full width, and hands exactly one tensor of the same shape out;
+      its output is then split as its input (and still that matmul's output), its interior ops
+      are not followed one by one (the engine's SplitRMSNorm all-reduces the sum of squares).
 Anything else that sees a split value raises SplitError naming the node.
 """
 from __future__ import annotations
@@ -125,10 +131,10 @@ def _map_view(src: tuple, dst: tuple, s: int, tp: int):
 
 
 class _Pass:
-    def __init__(self, graph, names, params, tp):
-        self.graph, self.names, self.params, self.tp = graph, names, params, tp
+    def __init__(self, graph, names, params, tp, regions=None):
+        self.graph, self.names, self.params, self.tp, self.regions = graph, names, params, tp, regions
         self.state, self.origin, self.found, self.parts, self.roles = {}, {}, {}, {}, {}
-        self.linears = {}
+        self.linears, self.norms, self.done = {}, {}, set()  # norms: module path -> (column parameter, node)
         for node in graph.nodes:
             mm = _matmul(node)
             weight = _weight(mm[1], names, params) if mm else None
@@ -154,8 +160,10 @@ class _Pass:
     def fail(self, node, why):
         raise SplitError(node, why)
 
-    def run(self) -> dict:
+    def run(self) -> tuple[dict, dict]:
         for node in self.graph.nodes:
+            if node in self.done:  # inside a split norm's call (`split_norm`), already given its state
+                continue
             try:
                 self.state[node] = self.step(node)
             except SplitError:
@@ -170,7 +178,12 @@ class _Pass:
                 self.fail(self.found[param][4], f"the parts cut from {param}'s output {spans} do not tile its "
                           f"{size} features")
             self.found[param][1] = tuple(end - start for start, end in spans)
-        return {p: (kind, parts, head) for p, (kind, parts, head, _, _) in self.found.items()}
+        for path, (param, node) in self.norms.items():
+            if param in self.parts:
+                self.fail(node, f"normalises the output of {param}, which is cut into packed parts (a norm over "
+                          "packed parts is not supported)")
+        found = {p: (kind, parts, head) for p, (kind, parts, head, _, _) in self.found.items()}
+        return found, {path: param for path, (param, _) in self.norms.items()}
 
     def step(self, node: Node):
         if node.op in ("placeholder", "get_attr"):
@@ -342,12 +355,52 @@ class _Pass:
             arg = [arg] if isinstance(arg, int) else list(arg or [])
             dims = [_dim(d, nd) for d in arg] or list(range(nd))
         if s in dims:
-            self.fail(node, f"runs over dim {s}, which is split over tp (it needs every rank's features)")
+            return self.split_norm(node, s, f"runs over dim {s}, which is split over tp (it needs every rank's "
+                                   "features")
         value = _val(node)
         outs = value if isinstance(value, (list, tuple)) else [value]
         mapped = [s if torch.is_tensor(v) and v.dim() == nd else s - sum(d < s for d in dims)
                   if torch.is_tensor(v) else None for v in outs]
         return mapped if isinstance(value, (list, tuple)) else mapped[0]
+
+    def split_norm(self, node, s, why):
+        """`node` reduces over the split features: allowed inside an RMSNorm's call over a column
+        output (see the module docstring), whose ops then all get their state here (None inside,
+        the input's at its output); else a SplitError saying `why` (and why the module is not such
+        a norm, when `regions` names one)."""
+        region = self.regions(node) if self.regions else None
+        if region is None:
+            self.fail(node, why + ")")
+        path, nodes, problem = region
+        inside = set(nodes)
+        outer = list(dict.fromkeys(x for n in nodes for x in _inputs(n) if x not in inside))
+        split = [x for x in outer if self.state.get(x) is not None]
+        whole = [self.names.get(x) for x in outer if self.state.get(x) is None]
+        outs = [n for n in nodes if any(u not in inside for u in n.users)]
+        x = split[0] if len(split) == 1 else None
+        keep = self.origin.get(x) if x is not None else None
+        weight = self.params.get(f"{path}.weight")
+        if problem is None:
+            if x is None:
+                problem = f"it reads {len(split)} tensors split over tp, not one"
+            elif self.state[x] != len(_shape(x)) - 1 or s != self.state[x]:
+                problem = f"its input is split along dim {self.state[x]}, not along the features it normalises"
+            elif not keep or keep[1] is not None or self.found.get(keep[0], ["row"])[0] != "column":
+                problem = "its input is not the (uncut) output of a column-parallel linear"
+            elif whole != [f"{path}.weight"] or weight is None or tuple(weight.shape) != (_shape(x)[-1],):
+                problem = (f"it reads {whole} besides its input, not only its own weight of the input's "
+                           f"{_shape(x)[-1]} features")
+            elif len(outs) != 1 or _shape(outs[0]) != _shape(x):
+                problem = "it does not hand out one tensor shaped as its input"
+            elif self.norms.setdefault(path, (keep[0], node))[0] != keep[0]:
+                problem = f"it normalises the outputs of both {self.norms[path][0]} and {keep[0]}"
+        if problem is not None:
+            self.fail(node, f"{why}; not a norm the split supports: {problem})")
+        for n in nodes:
+            self.state[n] = None
+            self.done.add(n)
+        self.state[outs[0]], self.origin[outs[0]] = s, keep
+        return None
 
     def matmul(self, node):
         a, b = node.args[0], node.args[1]
@@ -404,7 +457,10 @@ class _Pass:
         return [s] * count
 
 
-def propagate(graph, names: dict, params: dict, tp: int) -> dict:
-    """{parameter: (kind, part widths or None, head size or None)} for every matmul with a
-    parameter that is column- or row-parallel, following the split through `graph`."""
-    return _Pass(graph, names, params, tp).run()
+def propagate(graph, names: dict, params: dict, tp: int, regions=None) -> tuple[dict, dict]:
+    """({parameter: (kind, part widths or None, head size or None)} for every matmul with a
+    parameter that is column- or row-parallel, {norm module path: the column parameter whose
+    output it normalises}), following the split through `graph`. `regions(node)`: None, or
+    (module path, the nodes of the innermost module call that made `node`, None when that module
+    is an RMSNorm else why not) for a module that may be a split norm."""
+    return _Pass(graph, names, params, tp, regions).run()

@@ -13,10 +13,18 @@ inputs), then one pass over the graph follows which dimension of each value is s
   * a column output cut along its features (`split`, `chunk`, slices) packs parts (Phi-3's
     qkv, GPT-2's c_attn, gate_up): each part is split on its own; the view after a projection
     that turns its features into (heads, head size) gives the head size;
+  * a reduction over the split features inside the call of an RMSNorm module (one that
+    `shardformer.tensor_parallel.norm.rms_norm_form` accepts: weight * x / sqrt(mean(x^2) + eps),
+    checked by running it) whose input is the uncut output of a column-parallel linear and whose
+    1-D weight has that output's full width (OLMo 2's `q_norm` / `k_norm` over all heads) makes
+    it a `split_norms` entry {norm: that linear}; its output is split as its input, and its
+    interior ops are not followed one by one (the engine all-reduces each row's sum of squares);
   * every other op must keep the split dimension intact (elementwise ops, views, transposes,
     attention over split heads, reductions over other dimensions); the block's output must be
-    whole. An op that would need the whole features (a norm over all heads, a split tensor
-    added to a whole one) is a ValueError naming the block, the op and its source line.
+    whole. An op that would need the whole features (a norm over all heads of another formula,
+    or over something else than one column output, a split tensor added to a whole one) is a
+    ValueError naming the block, the op and its source line (and, inside a norm-like module,
+    why it is no split RMSNorm).
 The result is then checked numerically on the block like any derived policy (`block_check.py`).
 """
 from __future__ import annotations
@@ -39,6 +47,7 @@ class TracedSplit:
     experts: dict[str, dict[str, str]]  # experts module -> {3-D parameter: "column" | "row"}
     packed: dict[str, tuple[int, ...]]  # column entry -> widths of its parts
     head_dims: dict[str, int]         # column entry -> head size read from its heads view
+    split_norms: dict[str, str]       # RMSNorm module path -> the column entry whose output it normalises
     trace: "BlockTrace" = None
 
 
@@ -49,6 +58,7 @@ class BlockTrace:
     owner: dict           # node -> innermost module path that made it
     reads: dict           # module path -> attributes read on it in forward
     config_reads: dict    # module path -> config attributes read while it was innermost
+    calls: list = dataclasses.field(default_factory=list)  # (start, end node index, module path) per call
 
 
 def _recording(obj, log: set) -> None:
@@ -123,6 +133,7 @@ def trace_block(layer: nn.Module, call) -> BlockTrace:
         for h in handles:
             h.remove()
     nodes = list(trace.graph.graph.nodes)
+    trace.calls = spans
     placeholders = [n for n in nodes if n.op == "placeholder"]
     trace.names = dict(zip(placeholders, list(params)))  # the dict's leaves come first, in order
     # the innermost module wins: shorter spans, and on a tie (a wrapper of one module) the deeper path, last
@@ -158,7 +169,8 @@ def derive_split(layer: nn.Module, call, tp: int, where: str) -> TracedSplit:
         raise DeriveFailure(f"torch.fx could not trace it: {_where(err)}") from err
     modules = dict(layer.named_modules())
     try:
-        found = propagate(trace.graph.graph, trace.names, dict(layer.named_parameters()), tp)
+        found, norms = propagate(trace.graph.graph, trace.names, dict(layer.named_parameters()), tp,
+                                 _norm_regions(trace, modules, where))
     except SplitError as err:
         module = trace.owner.get(err.node)
         inside = f" in {where}.{module} ({type(modules[module]).__name__})" if module else f" in {where}"
@@ -181,7 +193,37 @@ def derive_split(layer: nn.Module, call, tp: int, where: str) -> TracedSplit:
             head_dims[entry] = head_dim
     if not (column or experts) or not (row or experts):
         raise DeriveFailure(f"it found no {'column' if not column else 'row'}-parallel linear in {where}")
-    return TracedSplit(column, row, experts, packed, head_dims, trace)
+    split_norms = {path: param.rpartition(".")[0] for path, param in norms.items()}
+    return TracedSplit(column, row, experts, packed, head_dims, split_norms, trace)
+
+
+def _norm_regions(trace: BlockTrace, modules: dict, where: str):
+    """`regions` for `propagate`: for a node made inside a norm-like module (its class named
+    "...Norm" / "...NormX...", or with a 1-D `weight`), (its path, the nodes of its innermost
+    call holding the node, None when `rms_norm_form` accepts the module else its reason); None
+    for any other node."""
+    from shardformer.tensor_parallel.norm import rms_norm_form
+
+    nodes = list(trace.graph.graph.nodes)
+    index = {node: i for i, node in enumerate(nodes)}
+
+    def regions(node):
+        path = trace.owner.get(node)
+        module = modules.get(path) if path else None
+        weight = getattr(module, "weight", None)
+        if module is None or not (re.search(r"Norm(?![a-z])", type(module).__name__)
+                                  or (isinstance(weight, nn.Parameter) and weight.dim() == 1)):
+            return None
+        i = index[node]
+        start, end, _ = min((c for c in trace.calls if c[2] == path and c[0] <= i < c[1]), key=lambda c: c[1] - c[0])
+        try:
+            rms_norm_form(module, f"{where.removeprefix('model.')}.{path}")
+            problem = None
+        except ValueError as err:
+            problem = str(err)
+        return path, nodes[start:end], problem
+
+    return regions
 
 
 def merge_splits(splits: list[TracedSplit]) -> TracedSplit:
@@ -196,10 +238,11 @@ def merge_splits(splits: list[TracedSplit]) -> TracedSplit:
     both = set(column) & set(row)
     if both:
         raise DeriveFailure(f"{sorted(both)[0]} is column-parallel in one kind of decoder layer and row-parallel in another")
-    merged = TracedSplit(column, row, {}, {}, {}, BlockTrace(None, {}, {}, {}, {}))
+    merged = TracedSplit(column, row, {}, {}, {}, {}, BlockTrace(None, {}, {}, {}, {}))
     for s in splits:
         for name, mine, theirs in (("experts", merged.experts, s.experts), ("packed", merged.packed, s.packed),
-                                   ("head_dims", merged.head_dims, s.head_dims)):
+                                   ("head_dims", merged.head_dims, s.head_dims),
+                                   ("split_norms", merged.split_norms, s.split_norms)):
             for key, value in theirs.items():
                 if mine.setdefault(key, value) != value:
                     raise DeriveFailure(f"{key} differs between kinds of decoder layer ({name}: {mine[key]} and {value})")

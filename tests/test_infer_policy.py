@@ -2,12 +2,14 @@
 block, checked on that block.
 
 1. For every registered decoder-only policy it derives the hand-written split: from the model as
-   it is (its tp plan where it translates, else the trace), and from the trace alone (plan removed).
+   it is (its tp plan where it translates, else the trace), and from the trace alone (plan removed);
+   OLMo 2 / 3 / OLMoE's RMSNorms over all heads' q / k features included (`split_norms`).
 2. Architectures with no hand-written policy shard at tp = 2 through `shard_model(model)` alone
    and train like the unsharded model (loss, every gradient, weights after AdamW; fp32, 1e-5);
    some through their tp plan, some (no plan) through the trace; a plan-derived and a traced one
    also under sequence (all_to_all, split_gather) and pipeline parallelism.
-3. What it cannot handle is a ValueError naming the block / entry / op and docs/policies.md.
+3. What it cannot handle is a ValueError naming the block / entry / op and docs/policies.md; a
+   norm over split features that is no plain RMSNorm is refused with its op and why.
 4. The worked example of docs/policies.md (a policy for StableLM, written by hand) trains at
    tp = 2 like the unsharded model.
 """
@@ -16,6 +18,7 @@ import dataclasses
 import pathlib
 import re
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -44,31 +47,41 @@ UNREGISTERED = {
 # fuses gate / up, Cohere2-MoE and Qwen3-MoE have stacked experts (Cohere2-MoE's plan on 5.17 splits
 # only the attention), Qwen2-MoE also a shared expert weighed by a one-output gate (replicated);
 # GLM-4.5 (glm4_moe) and AFMoE have a dense first layer and expert layers after it (each kind is
-# traced and checked; entries of one kind are `optional` in the other).
+# traced and checked; entries of one kind are `optional` in the other). FlexOLMo normalises q and k
+# over all heads, as OLMo 2 (`split_norms`), and has stacked experts.
 MOE = {"num_experts": 4, "moe_intermediate_size": 32, "num_experts_per_tok": 2, "head_dim": 8}
 TRACED = {"stablelm": {}, "persimmon": {"num_key_value_heads": None}, "gpt_neox": {"num_key_value_heads": None}, "glm4": {"head_dim": 8}, "cohere2_moe": {"head_dim": 8},
           "qwen3_moe": MOE, "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 48},
-          "glm4_moe": {**MOE, "n_routed_experts": 4, "n_group": 1, "topk_group": 1}, "afmoe": MOE}
+          "glm4_moe": {**MOE, "n_routed_experts": 4, "n_group": 1, "topk_group": 1}, "afmoe": MOE,
+          "flex_olmo": {"num_experts": 4, "num_experts_per_tok": 2}}
 NO_PLAN = {"stablelm", "persimmon"}  # no tp plan in any supported transformers: the notice says "trace"
 COMPARED = ("embedding", "layers", "lm_head", "final_norm", "attention", "column_parallel", "row_parallel",
             "query_projections", "kv_projections", "tp_partial", "attention_local_attrs", "packed", "experts",
-            "attention_local_config", "position_embedding", "whole_sequence_output")
+            "attention_local_config", "position_embedding", "whole_sequence_output", "split_norms")
 # Registered families that are decoder-only causal LMs (BERT is an encoder).
-DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral",
+            "olmo2", "olmo3", "olmoe")
+# Config changes of registered families (as tests/models.py): few experts, OLMo 3's sliding windows.
+REGISTERED = {"olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+              "olmo3": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}}
+# No plan that translates (q / k / v gathered around OLMo's norms over all heads): traced as is.
+PLAN_UNTRANSLATED = {"phi3", "gpt2", "mixtral", "olmo2", "olmo3", "olmoe"}
 
 
 def build(model_type: str, seed: int = 0, **overrides):
     """A tiny fp32 causal LM of `model_type` (DIMS: hidden 64, 2 layers, 8 heads, 2 KV heads, vocab 250)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        extra = {**UNREGISTERED, **TRACED}.get(model_type, {})
+        extra = {**UNREGISTERED, **TRACED, **REGISTERED}.get(model_type, {})
         config = CONFIG_MAPPING[model_type](**{**DIMS, **extra, **overrides})
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():  # zero-initialised biases would hide a wrong bias split (and make the
-        for p in model.parameters():  # weights after AdamW tiny: an ill-conditioned comparison)
+        for name, p in model.named_parameters():  # weights after AdamW tiny: an ill-conditioned comparison)
             if not p.any():
                 p.normal_(0, 0.02)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # ones: a piece cut wrong would not show
+                p.normal_(1.0, 0.1)
     return model
 
 
@@ -99,14 +112,15 @@ def test_derives_the_hand_written_split(source):
         want, got = _split(hand), _split(derived)
         assert got == want, (model_type, {k: (got[k], want[k]) for k in want if got[k] != want[k]})
     traced = {t for t, s in sources.items() if "trace" in s}
-    assert traced == (set(DECODERS) if source == "trace alone" else {"phi3", "gpt2", "mixtral"}), sources
+    assert traced == (set(DECODERS) if source == "trace alone" else PLAN_UNTRANSLATED), sources
 
 
 def test_trace_at_tp4_replicates_kv_heads():
     """The trace follows the split at a rank count dividing both head counts; at tp 4 over 2 KV
     heads (replicated) it still derives the hand-written split (Phi-3 packs its KV heads with the
-    queries, which are never replicated: the engine refuses that at tp 4 either way)."""
-    for model_type in ("llama", "qwen3", "gemma2", "mixtral"):
+    queries, which are never replicated: the engine refuses that at tp 4 either way); OLMo 2's
+    k_norm over the replicated KV heads is checked with each row's sum of squares counted once."""
+    for model_type in ("llama", "qwen3", "gemma2", "mixtral", "olmo2", "olmoe"):
         model = build(model_type)
         hand = sf.policies.get_policy(model)
         model.config.base_model_tp_plan = None
@@ -137,12 +151,16 @@ def _train_and_compare(model_type: str, derived: bool = True, tp: int = 2, meta:
     its notice on rank 0, or registered), one AdamW step; the worst relative error of loss,
     gradients and weights against the unsharded model. `meta`: the model is built by
     `sf.init_model` (sharded on the meta device, so the policy is checked on a fresh one-layer
-    model) and the reference given its weights."""
+    model) and the reference given its weights (those init_model zeroes made random, as in build)."""
     ref = build(model_type)
     config = sf.ShardConfig(tp_size=tp, **layout)
     with capture_logs() as logs:
         if meta:
             model = sf.init_model(ref.config, config=config, seed=3)
+            with torch.no_grad():  # init_model's zero biases start at random too (as in build), alike on every rank
+                for name, p in model.named_parameters():
+                    if not p.any():
+                        p.normal_(0, 0.02, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
             ref.load_state_dict(sf.full_state_dict(model))
         else:
             model = sf.shard_model(copy.deepcopy(ref), config=config)
@@ -243,11 +261,12 @@ def test_what_it_cannot_handle_is_a_value_error():
             r"a torch\.fx trace of model\.model\.layers\.0 \(StableLmDecoderLayer\) found no split",
             r"op aten\.split\.Tensor in model\.model\.layers\.0\.self_attn\.q_layernorm \(StableLmLayerNormPerHead\)",
             r"modeling_stablelm\.py:\d+: ")
-    # a plan entry with no faithful translation: named, then the trace's stop (OLMo 2 normalises
-    # q and k over all heads at once)
-    _raises(build("olmo2"), r"base_model_tp_plan\['layers\.\*\.self_attn\.q_proj'\]='colwise_gather_output'",
-            r"op aten\.mean\.dim in model\.model\.layers\.0\.self_attn\.q_norm \(Olmo2RMSNorm\)",
-            r"modeling_olmo2\.py:\d+: variance = ", r"runs over dim 2, which is split over tp")
+    # a plan entry with no faithful translation: named, then the trace's stop (Doge masks attention
+    # per head with a mask computed from all heads' values: whole on every rank, over all heads)
+    _raises(build("doge"), r"base_model_tp_plan\['layers\.\*\.mlp\.router_gate'\]='\w+' has no faithful",
+            r"a torch\.fx trace of model\.model\.layers\.0 \(DogeDecoderLayer\) found no split",
+            r"op aten\.\w+(\.\w+)? in model\.model\.layers\.0\.self_attn \(DogeAttention\)",
+            r"modeling_doge\.py:\d+: ", r"attends with a mask / bias split along dim None or whole over 8 heads")
     # an op that would need every rank's features between two linears (a norm over the MLP's
     # split features, F.normalize: linalg_vector_norm, whose dims follow its `ord`)
     model = _normalized(build("llama"))
@@ -268,6 +287,25 @@ def test_what_it_cannot_handle_is_a_value_error():
                                        "layers.*.input_layernorm": "replicated_with_grad_allreduce"}
     _raises(model, r"does not reproduce model\.model\.layers\.0 at tp=2: input_layernorm\.weight's gradient",
             r"op aten\.linalg_vector_norm")
+
+
+def test_a_norm_over_split_features_must_be_a_plain_rms_norm():
+    """OLMo 2's q / k norms over all heads are split norms only as weight * x / sqrt(mean(x^2) + eps)
+    (`rms_norm_form`): a LayerNorm (mean subtracted, a bias) or Gemma's (1 + weight) in their place
+    stops the trace at the norm's op, saying why."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    model = build("olmo2")
+    for layer in model.model.layers:
+        layer.self_attn.q_norm = torch.nn.LayerNorm(layer.self_attn.q_proj.out_features)
+    _raises(model, r"op aten\.native_layer_norm\.default in model\.model\.layers\.0\.self_attn\.q_norm \(LayerNorm\)",
+            r"modeling_olmo2\.py:\d+: query_states = self\.q_norm", r"runs over dim 2, which is split over tp",
+            r"model\.model\.layers\.0\.self_attn\.q_norm \(LayerNorm\) is not an RMSNorm with one 1-D `weight`")
+    model = build("olmo2")
+    for layer in model.model.layers:
+        layer.self_attn.k_norm = GemmaRMSNorm(layer.self_attn.k_proj.out_features, eps=1e-6)
+    _raises(model, r"op aten\.mean\.dim in model\.model\.layers\.0\.self_attn\.k_norm \(GemmaRMSNorm\)",
+            r"modeling_gemma\.py:\d+: ", r"does not compute weight \* x / sqrt\(mean\(x\^2\) \+ eps\)")
 
 
 def test_a_wrong_plan_falls_back_to_the_trace():
