@@ -53,8 +53,8 @@ def _full_value(module: nn.Module, attr: str, shape, std: float, gen: torch.Gene
         return torch.ones(shape)
     if isinstance(module, (nn.Linear, nn.Embedding)) or kind in ("ColumnParallelLinear", "RowParallelLinear",
                                                                  "VocabParallelLMHead") \
-            or kind.endswith(("Experts", "TopKRouter")):  # MoE expert weights and routers: normal(0, std), as HF
-        return torch.empty(shape).normal_(0.0, std, generator=gen)
+            or kind.lower().endswith(("experts", "topkrouter")):  # MoE experts, routers (Mixtral's TopKRouter,
+        return torch.empty(shape).normal_(0.0, std, generator=gen)  # GLM-4.5's TopkRouter): normal(0, std), as HF
     raise ValueError(f"sf.init_model cannot initialise {kind}.{attr} independently of the layout; build the model "
                      "whole and call shard_model")
 
