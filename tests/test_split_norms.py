@@ -22,6 +22,12 @@ def test_tensor_parallel(pools, family, tp, tied, overrides):
     assert max(pools(tp).run(check_equivalence, family, tp, tied, **overrides)) <= TOL
 
 
+def test_split_gather_with_checkpointing(pools):
+    """split_gather at tp 2 over 11 tokens, gradient checkpointing on, two AdamW steps: the gather at
+    the attention's and the MLP's input runs again in the recomputation."""
+    assert max(pools(2).run(check_equivalence, "olmo2", 2, False, 2, True, 1, True, "split_gather", 11)) <= TOL
+
+
 def test_pipeline_with_tp_and_split_gather(pools):
     """pp 2 x tp 2 with split_gather: OLMo 2's post-norm layers hand q / k / v the layer's own
     input, which split_gather gathers at the attention's and the MLP's input."""
