@@ -161,6 +161,9 @@ def _train_and_compare(model_type: str, derived: bool = True, tp: int = 2, meta:
                 for name, p in model.named_parameters():
                     if not p.any():
                         p.normal_(0, 0.02, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+            fresh = dict(ref.named_buffers())  # every buffer as HF initialises it (GLM-4.5's router bias too)
+            assert {n: b for n, b in model.named_buffers()}.keys() == fresh.keys()
+            assert all(torch.equal(b, fresh[n]) for n, b in model.named_buffers()), model_type
             ref.load_state_dict(sf.full_state_dict(model))
         else:
             model = sf.shard_model(copy.deepcopy(ref), config=config)

@@ -86,6 +86,6 @@ def init_model(hf_config, config=None, policy=None, seed: int = 0, dtype: torch.
         piece = split_tensor(full.to(getattr(model, "sf_param_dtype", param.dtype)), spec, tp_rank)  # its tp piece
         held = tuple(slice(start, start + n) for start, n in local_region(param))  # ZeRO-3: its dp chunk
         local(param).copy_(piece[held])
-    init_buffers(model)
+    init_buffers(model, persistent=True)
     dist.barrier()
     return model

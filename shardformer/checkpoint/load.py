@@ -196,11 +196,27 @@ def materialize_sharded(model: nn.Module, device) -> None:
     model.sf_grad_reducer = GradReducer(model, model.sf_groups, reduce_data=not stage3)
 
 
-def init_buffers(model: nn.Module) -> None:
-    """Non-persistent buffers (rotary frequencies) by the model's own initialisation."""
+def init_buffers(model: nn.Module, persistent: bool = False) -> None:
+    """Fill buffers by the model's own `_init_weights`: the non-persistent ones (rotary
+    frequencies) and, with `persistent`, the ones a checkpoint would hold too (GLM-4.5's
+    `e_score_correction_bias`), zeroed first so that one `_init_weights` leaves alone is alike
+    on every rank. The module's parameters are swapped for meta stand-ins meanwhile, so their
+    values (shards, already filled) are left untouched."""
     for module in model.modules():
-        if getattr(module, "_non_persistent_buffers_set", None):
+        names = [n for n, b in module.named_buffers(recurse=False) if b is not None
+                 and (persistent or n in getattr(module, "_non_persistent_buffers_set", ()))]
+        if not names:
+            continue
+        for n in names:
+            if n not in module._non_persistent_buffers_set:
+                getattr(module, n).zero_()
+        held = dict(module._parameters)
+        module._parameters.update({n: nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                                   for n, p in held.items() if p is not None})
+        try:
             model._init_weights(module)
+        finally:
+            module._parameters.update(held)
 
 
 @torch.no_grad()
