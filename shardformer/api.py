@@ -34,7 +34,7 @@ from .fusion import apply_fused_kernels, fused_loss_pays
 from .grad_clip import clip_grad_norm_
 from .mesh import build_groups, build_mesh, require_process_group
 from .pipeline import apply_pipeline
-from .sequence_parallel import SequenceCalls, apply_split_gather, apply_ulysses, gather_hidden_hook
+from .sequence_parallel import SequenceCalls, SequenceChunks, apply_split_gather, apply_ulysses, gather_hidden_hook
 from .sequence_parallel.batch import SPLIT_KEY, gather_batch
 from .tensor_parallel import accepts_return_dict, apply_tensor_parallel, run_forward
 
@@ -264,7 +264,7 @@ def _apply(model, plan, groups) -> None:
                             choose_attention=config.sp_mode not in ("all_to_all", "ring"))
     tp_hooks = apply_tensor_parallel(model, plan.tp, policy, groups.tp, groups.mesh.get_local_rank("tp"))
     head = model.get_submodule(plan.tp.head_path) if plan.tp.head_path is not None else None
-    calls = None
+    calls = chunks = None
     if config.sp_mode == "split_gather":
         apply_split_gather(model, plan.sp, tp_hooks, groups.tp, groups.size("tp"), head)
     elif config.sp_mode in ("all_to_all", "ring"):
@@ -272,6 +272,7 @@ def _apply(model, plan, groups) -> None:
         lengths = apply_ulysses(model, plan.sp, groups)
         calls = SequenceCalls(groups.sp, groups.size("sp"), groups.mesh.get_local_rank("sp"), head is not None,
                               zigzag=config.sp_mode == "ring")
+        chunks = SequenceChunks(groups.size("sp"), groups.mesh.get_local_rank("sp"), zigzag=config.sp_mode == "ring")
         if head is None:  # the whole sequence for the model's own outputs / heads
             final = model.get_submodule(plan.tp.base_path + policy.final_norm)
             final.register_forward_hook(gather_hidden_hook(calls, lengths[-1]))
@@ -289,8 +290,10 @@ def _apply(model, plan, groups) -> None:
     if plan.pp is not None:
         hf_forward = type(model).forward
         takes_return_dict = accepts_return_dict(hf_forward)
+        # on the sp axis (calls, chunks) stages pass sequence chunks and the last one's loss is summed over sp
         model.sf_pipeline = apply_pipeline(
-            model, plan.pp, groups, lambda view, call: run_forward(view, hf_forward, (), call, takes_return_dict))
+            model, plan.pp, groups,
+            lambda view, call: run_forward(view, hf_forward, (), call, takes_return_dict, calls), chunks)
         if not model.sf_pipeline.has_last:
             object.__setattr__(model, "sf_lm_head", None)
     model.sf_grad_reducer = GradReducer(model, groups, reduce_data=config.zero_stage != 3)

@@ -52,9 +52,11 @@ def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) 
     pp = plan_pipeline(model, policy, tp, config) if config.pp_size > 1 else None
     if config.zero_stage == 3:
         plan_zero3(config, tp)
-    if pp is not None and sp is not None:  # split_gather: the sequence is whole between stages
+    if pp is not None and sp is not None:  # each stage's first layer cuts its input to this rank's part
         starts = [pp.layer_range(s).start for s in range(pp.stages)]
-        sp.stage_starts, sp.stage_ends = set(starts), {start - 1 for start in starts[1:]}
+        sp.stage_starts = set(starts)
+        if isinstance(sp, SplitGatherPlan):  # the sequence is whole between stages: gathered at their ends
+            sp.stage_ends = {start - 1 for start in starts[1:]}
     return LayoutPlan(config, policy, dp, tp, kernels, sp, pp)
 
 

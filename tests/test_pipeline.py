@@ -16,11 +16,11 @@ CLIP = 0.05  # well below the gradient norm of these batches (~2-4): clipping is
 
 
 def check_pipeline(pp, schedule, microbatches, tied, tp=1, layers=4, rows_per_rank=8, steps=2, seq=12,
-                   save_to=None, stage_layers=None, checkpointing=False, sp_mode=None, family="llama"):
-    """Shard a copy of the reference with pp (x tp x dp), train `steps` AdamW steps with clipping
+                   save_to=None, stage_layers=None, checkpointing=False, sp_mode=None, family="llama", sp=1):
+    """Shard a copy of the reference with pp (x sp x tp x dp), train `steps` AdamW steps with clipping
     on this dp rank's rows, compare loss, gradients and weights with the reference on all rows."""
     ref = build(family, tied=tied, num_hidden_layers=layers)
-    cfg = sf.ShardConfig(pp_size=pp, tp_size=tp, pp_schedule=schedule, num_microbatches=microbatches,
+    cfg = sf.ShardConfig(pp_size=pp, tp_size=tp, sp_size=sp, pp_schedule=schedule, num_microbatches=microbatches,
                          pp_stage_layers=stage_layers, gradient_checkpointing=checkpointing, sp_mode=sp_mode)
     model = sf.shard_model(copy.deepcopy(ref), config=cfg)
     plan, mesh = model.sf_pipeline.plan, model.sf_mesh
@@ -202,8 +202,6 @@ def test_bad_pipeline_layouts_raise_at_setup():
     assert "ShardConfig.pp_stage_layers" in msg, msg
     msg = _setup_error(sf.ShardConfig(pp_size=4, pp_schedule="1f1b", num_microbatches=2), layers=4)
     assert "ShardConfig.num_microbatches=2" in msg, msg
-    msg = _setup_error(sf.ShardConfig(pp_size=2, sp_size=2, sp_mode="all_to_all"), layers=4)
-    assert "ShardConfig.sp_mode='all_to_all'" in msg, msg
 
 
 def test_bad_pipeline_batches_raise_on_every_rank(pools):

@@ -10,8 +10,9 @@ __all__ = ["StageCosts", "balanced_split", "estimate_costs", "PipelinePlan", "pl
            "AbsentEmbedding", "AbsentLayer", "PassThrough", "StageModule", "cut_model", "apply_pipeline"]
 
 
-def apply_pipeline(model, plan: PipelinePlan, groups, call_model) -> PipelineRunner:
-    """Cut `model` to this rank's stages and return their runner (local: the groups exist)."""
+def apply_pipeline(model, plan: PipelinePlan, groups, call_model, sequence=None) -> PipelineRunner:
+    """Cut `model` to this rank's stages and return their runner (local: the groups exist);
+    `sequence`: the sequence split of the hidden states passed between stages (`PipelineRunner`)."""
     import dataclasses
 
     from ..sharding import ShardSpec
@@ -30,5 +31,5 @@ def apply_pipeline(model, plan: PipelinePlan, groups, call_model) -> PipelineRun
                     module.sf_shard_specs = specs
     cut_model(model, plan, mine)
     runner = PipelineRunner(model, plan, pp_rank, groups.pp, groups.tied, tied_param, call_model,
-                            model.config.hidden_size)
+                            model.config.hidden_size, sequence)
     return runner

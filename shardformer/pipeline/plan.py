@@ -69,9 +69,6 @@ def plan_pipeline(model: nn.Module, policy, tp_plan, config) -> PipelinePlan:
     if tp_plan.head_path is None:
         raise ValueError(f"ShardConfig.pp_size={pp}: pipeline training needs a model with an LM head "
                          f"(a *ForCausalLM); {name} has none")
-    if config.sp_mode in ("all_to_all", "ring"):
-        raise ValueError(f"ShardConfig.sp_mode={config.sp_mode!r} with ShardConfig.pp_size={pp} is not supported "
-                         "yet: use sp_mode='split_gather' (on the tp group) with pipelines")
     if policy.final_norm is None:
         raise policy.entry_error("final_norm", None, "must name the final norm for pipeline parallelism")
     if policy.position_embedding is not None:

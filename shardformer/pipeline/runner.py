@@ -15,6 +15,9 @@ buffers' shapes at the first step) and the last few are kept.
 `eval_step(batch)` runs the same stages forward only, microbatch by microbatch in stage order
 with point-to-point send / recv (torch 2.13's zero-bubble schedule cannot run forward only).
 
+With a sequence split between stages (sp_mode all_to_all / ring: `sequence`), the hidden states
+passed on are this rank's chunk of the sequence (`sequence.length(S)` tokens).
+
 Tied input / output embeddings on different ranks (first and last stage) have this step's
 gradients summed over those two ranks after the step (`finish`, once every rank's schedule
 succeeded, so no rank waits in it for a failed one), so both copies take the same update.
@@ -54,13 +57,16 @@ class PipelineRunner:
         call_model: (view, kwargs) -> HF output, the sharded model's own call.
         hidden_size: of the hidden states passed between stages (their dtype and device are the
             stages' parameters' when a step runs).
+        sequence: how those are split along the sequence (`length(S)`, `place(chunk, S)`:
+            `sequence_parallel.SequenceChunks`), or None: whole sequences.
     """
 
-    def __init__(self, model, plan, pp_rank: int, group, tied_group, tied_param, call_model, hidden_size: int):
+    def __init__(self, model, plan, pp_rank: int, group, tied_group, tied_param, call_model, hidden_size: int,
+                 sequence=None):
         self.plan, self.pp_rank, self.group = plan, pp_rank, group
         self.tied_group, self.tied_param = tied_group, tied_param
-        self.modules = [StageModule(model, plan, s, call_model) for s in plan.stages_of(pp_rank)]
-        self.hidden_size = hidden_size
+        self.modules = [StageModule(model, plan, s, call_model, sequence) for s in plan.stages_of(pp_rank)]
+        self.hidden_size, self.sequence = hidden_size, sequence
         self._schedules: OrderedDict = OrderedDict()
         self._tied_before = None
         self._scale, self._losses = 1.0, []  # this step's loss scale; its microbatches' unscaled losses
@@ -102,7 +108,10 @@ class PipelineRunner:
         return next(self.modules[0].parameters()).device
 
     def _hidden(self, mb: int, seq: int, grad: bool) -> torch.Tensor:
+        """A buffer of the hidden states passed between stages for a sequence of `seq` tokens."""
         param = next(self.modules[0].parameters())  # read now: the model may have been cast or moved
+        if self.sequence is not None:
+            seq = self.sequence.length(seq)
         return torch.empty(mb, seq, self.hidden_size, dtype=param.dtype, device=param.device, requires_grad=grad)
 
     def _schedule(self, mb: int, seq: int):
@@ -141,7 +150,7 @@ class PipelineRunner:
             kwargs["position_ids"] = kwargs["position_ids"].expand(ids.shape)
         count = target_count(batch["labels"]) if batch.get("labels") is not None else None
         for module in self.modules:
-            module.num_items = count
+            module.num_items, module.length = count, ids.shape[1]
         return ids, kwargs
 
     def finish(self, local: torch.Tensor, train: bool) -> torch.Tensor:

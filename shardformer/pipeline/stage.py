@@ -15,6 +15,12 @@ state; the last calls the whole model with the labels through `call_model` (the 
 call: tensor-parallel output handling and the fused loss included) and returns the loss, which is the sum of
 the microbatch's token losses divided by the count of the whole batch (`num_items_in_batch`),
 so that the microbatches' losses add up to the batch mean.
+
+With a sequence split on the sp axis (`sequence`: all_to_all, ring), stages pass each other
+this rank's chunk of the sequence instead of all of it: a later stage gives HF the chunk placed at
+its positions in a whole-length sequence (`sequence.place`, local), so that transformers builds
+the positions, rotary embeddings and mask of the whole sequence; the sequence parallelism's hook
+on the stage's first layer takes the chunk back.
 """
 from __future__ import annotations
 
@@ -98,7 +104,7 @@ class StageModule(nn.Module):
     """Stage `index` of `plan` over the cut `model` (see module docstring). `in_flight` /
     `peak_in_flight` count the microbatches whose forward ran and whose backward has not."""
 
-    def __init__(self, model: nn.Module, plan, index: int, call_model):
+    def __init__(self, model: nn.Module, plan, index: int, call_model, sequence=None):
         super().__init__()
         self.index, self.first, self.last = index, index == 0, index == plan.stages - 1
         keep = set(plan.layer_range(index))
@@ -110,13 +116,18 @@ class StageModule(nn.Module):
         self.base_path = plan.layers_path.rpartition(".")[0]
         self.call_model = call_model  # (view, kwargs) -> the HF output of the whole model
         self.num_items = None  # the whole batch's target count, set before each step
+        self.sequence = sequence  # the sequence split of the hidden states between stages, or None: whole
+        self.length = 0  # the step's sequence length, set before each step
         self.in_flight = self.peak_in_flight = 0
 
     def forward(self, x, **kwargs):
         call = dict(kwargs, use_cache=False)
-        call["input_ids" if self.first else "inputs_embeds"] = x
         if x.requires_grad:  # its gradient is sent to the previous stage: point-to-point needs it dense
             x.register_hook(torch.Tensor.contiguous)
+        if self.first:
+            call["input_ids"] = x
+        else:
+            call["inputs_embeds"] = x if self.sequence is None else self.sequence.place(x, self.length)
         if self.last:
             call["num_items_in_batch"] = self.num_items
             out = self.call_model(self.view, call).loss

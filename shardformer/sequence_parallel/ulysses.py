@@ -7,6 +7,12 @@ where an all-to-all trades the sequence split for a head split and back. It comp
     layer's `position_embeddings` / `position_ids` argument and cuts `position_embeddings`
     (cos, sin) to this rank's chunk; on the first layer it splits the hidden states
     (`comm.split_seq`, zero-padded to a multiple of sp);
+  * with pipeline parallelism, stages pass each other their sequence chunks (`SequenceChunks`):
+    a later stage's HF forward gets `inputs_embeds` of the whole length S with the received chunk
+    at its own positions and zeros elsewhere (`place`, local), so transformers builds the
+    positions, rotary embeddings and mask of the whole sequence; the first layer of each stage
+    takes the chunk back (`take`, local: no communication, and no gradient scaling, the chunk's
+    gradient already follows the convention below);
   * transformers' attention registry: the model's attention implementation (sdpa, eager, ...)
     is wrapped by `ulysses_attention` under a new name ("sf_ulysses_<inner>", with the inner
     one's mask function): q, k, v [B, heads, S/sp, D] -> all-to-all -> [B, heads/sp, S, D]
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -50,6 +56,42 @@ class UlyssesPlan:
     sp: int
     kv_repeat: int  # repeat each local KV head this many times before the all-to-all
     groups_after: int  # query heads per KV head once heads are split over sp
+    stage_starts: set[int] = field(default_factory=lambda: {0})  # layers that cut their input to the chunk
+
+
+@dataclass(frozen=True)
+class SequenceChunks:
+    """This rank's part of the sequence under an sp-axis mode: a contiguous 1/sp of it (zero-padded
+    to a multiple of sp), or with `zigzag` (ring) chunks r and 2sp-1-r of 2 sp. `take` and `place`
+    are local, differentiable and inverse to each other on the true positions (padding positions
+    come back as zeros: attention never reads them and the loss ignores them)."""
+
+    sp: int
+    rank: int
+    zigzag: bool = False
+
+    def length(self, full: int) -> int:
+        """The chunk's length for a sequence of `full` tokens."""
+        multiple = 2 * self.sp if self.zigzag else self.sp
+        return -(-full // multiple) * multiple // self.sp
+
+    def take(self, x: torch.Tensor, dim: int = SEQ_DIM) -> torch.Tensor:
+        """This rank's chunk of the whole sequence `x` (backward: zeros elsewhere), in storage of its
+        own: a view would keep the whole sequence alive as long as a layer keeps its chunk."""
+        part = (zigzag_chunk if self.zigzag else _chunk)(x, dim, self.sp, self.rank)
+        return part if part._base is None else part.clone()
+
+    def place(self, chunk: torch.Tensor, full: int, dim: int = SEQ_DIM) -> torch.Tensor:
+        """A whole sequence of `full` tokens holding `chunk` at this rank's positions, zeros elsewhere
+        (backward: the gradient's chunk)."""
+        dim = dim % chunk.dim()
+        pieces = chunk.chunk(2, dim=dim) if self.zigzag else (chunk,)
+        blocks = 2 * self.sp if self.zigzag else self.sp
+        at = (self.rank, blocks - 1 - self.rank) if self.zigzag else (self.rank,)
+        step = pieces[0].shape[dim]
+        zeros = chunk.new_zeros(chunk.shape[:dim] + (step,) + chunk.shape[dim + 1:])
+        whole = [pieces[at.index(b)] if b in at else zeros for b in range(blocks)]
+        return torch.cat(whole, dim=dim).narrow(dim, 0, full)
 
 
 def plan_ulysses(model: nn.Module, policy, tp_plan, config) -> UlyssesPlan:
@@ -96,13 +138,14 @@ def plan_ulysses(model: nn.Module, policy, tp_plan, config) -> UlyssesPlan:
 
 
 def _chunk(x: torch.Tensor, dim: int, sp: int, rank: int) -> torch.Tensor:
-    """This rank's chunk of x along dim after zero padding to a multiple of sp (no autograd op:
-    rotary cos/sin need no gradient)."""
+    """This rank's chunk of x along dim after zero padding to a multiple of sp (local; backward:
+    zeros outside the chunk)."""
     return pad_to_multiple(x, dim, sp).chunk(sp, dim=dim)[rank]
 
 
-def _layer_pre_hook(length: SequenceLength, group, sp: int, rank: int, first: bool, mode: str):
-    chunk = zigzag_chunk if mode == "ring" else _chunk
+def _layer_pre_hook(length: SequenceLength, group, chunks: SequenceChunks, first: bool, stage_start: bool, mode: str):
+    """`first`: the model's first layer (splits its input); `stage_start`: the first layer of a later
+    pipeline stage (its input is a received chunk placed in a whole sequence: takes it back)."""
     split = zigzag_split if mode == "ring" else split_seq
 
     def hook(module, args, kwargs):
@@ -110,9 +153,11 @@ def _layer_pre_hook(length: SequenceLength, group, sp: int, rank: int, first: bo
         kwargs = dict(kwargs)
         cos_sin = kwargs.get("position_embeddings")
         if cos_sin is not None:
-            kwargs["position_embeddings"] = tuple(chunk(t, -2, sp, rank) for t in cos_sin)
+            kwargs["position_embeddings"] = tuple(chunks.take(t, -2) for t in cos_sin)
         if first:
-            return with_hidden_states(args, kwargs, lambda h: split(h, SEQ_DIM, group, 1.0 / sp))
+            return with_hidden_states(args, kwargs, lambda h: split(h, SEQ_DIM, group, 1.0 / chunks.sp))
+        if stage_start:
+            return with_hidden_states(args, kwargs, chunks.take)
         return args, kwargs
 
     return hook
@@ -159,8 +204,9 @@ def apply_ulysses(model: nn.Module, plan: UlyssesPlan, groups: ParallelGroups) -
         ALL_ATTENTION_FUNCTIONS.register(name, make_ulysses_attention(inner))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     lengths = [SequenceLength() for _ in plan.layers]
+    chunks = SequenceChunks(sp, rank, zigzag=plan.mode == "ring")
     for i, path in enumerate(plan.layers):
-        hook = _layer_pre_hook(lengths[i], group, sp, rank, i == 0, plan.mode)
+        hook = _layer_pre_hook(lengths[i], group, chunks, i == 0, i in plan.stage_starts, plan.mode)
         model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
     for i, path in enumerate(plan.attentions):
         attention = model.get_submodule(path)
