@@ -25,8 +25,8 @@ def _rows(model, rows_per_rank):
 
 
 def check_zero(stage, tp=1, sp=1, sp_mode=None, pp=1, accumulate=1, offload=False, steps=5, rows_per_rank=2,
-               seq=12, kv_heads=2, checkpointing=False, save_dir=None):
-    ref = build("llama", tied=True, num_hidden_layers=4, num_key_value_heads=kv_heads)
+               seq=12, kv_heads=2, checkpointing=False, save_dir=None, family="llama"):
+    ref = build(family, tied=True, num_hidden_layers=4, num_key_value_heads=kv_heads)
     cfg = sf.ShardConfig(tp_size=tp, sp_size=sp, sp_mode=sp_mode, pp_size=pp, zero_stage=stage,
                          cpu_offload=offload and stage == 3, gradient_checkpointing=checkpointing)
     model = sf.shard_model(copy.deepcopy(ref), config=cfg)

@@ -67,12 +67,23 @@ def plan_split_gather(model: nn.Module, policy, tp_plan) -> SplitGatherPlan:
         return next(i for i, layer in enumerate(layers) if path.startswith(layer + "."))
 
     own_gathers = {p: layer_of(p) for p, kind in tp_plan.kinds.items() if kind == "column" and p not in gathered}
+    holders = {path.rpartition(".")[0] for path in own_gathers}
     for path, i in own_gathers.items():
-        if path.rpartition(".")[0] == layers[i]:
-            raise policy.entry_error("tp_input_copies", dict(policy.tp_input_copies),
-                                     f"does not hand model.{path} its input, and it sits directly in its decoder "
-                                     "layer: sp_mode='split_gather' gathers such a linear's input at the module "
-                                     "holding it (an attention or MLP module)")
+        holder = path.rpartition(".")[0]
+        refuse = lambda why: policy.entry_error(  # noqa: E731
+            "tp_input_copies", dict(policy.tp_input_copies), f"does not hand model.{path} its input: {why}")
+        if holder == layers[i]:
+            raise refuse("it sits directly in its decoder layer; sp_mode='split_gather' gathers such a linear's "
+                         "input at the module holding it (an attention or MLP module)")
+        handed = sorted("model." + p for p in gathered if p.rpartition(".")[0] == holder)
+        if handed:
+            raise refuse(f"it hands {', '.join(handed)} in the same module (model.{holder}) theirs: list every "
+                         "column linear of that module there, or none (sp_mode='split_gather' then gathers the "
+                         "module's input once for all of them)")
+        inner = sorted(h for h in holders if h.startswith(holder + "."))
+        if inner:
+            raise refuse(f"neither does it hand the linears in model.{inner[0]}, inside model.{holder}, theirs; "
+                         "sp_mode='split_gather' would gather the sequence twice")
     return SplitGatherPlan(
         layers,
         gathers={owner: layer_of(owner) for owner in tp_plan.input_copies},

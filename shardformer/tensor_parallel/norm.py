@@ -44,35 +44,53 @@ def split_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, features: 
 def rms_norm_form(norm: nn.Module, where: str) -> tuple[float, bool]:
     """(eps, cast_before_weight) of an HF RMSNorm module, checked by running a copy of it (on the
     CPU, fresh random weight, so a meta-device module works too) against `split_rms_norm` on one
-    rank: fp32 within 1e-6; the bf16 result decides where HF casts back (before or after the
-    weight). A module of
-    another formula (Gemma's `1 + weight`, a bias, a learned eps) is a ValueError naming `where`."""
+    rank: in fp32 within 1e-6 on inputs of two scales (one so small that eps dominates: a wrong
+    eps shows); in bf16 the order of casting back (before or after the weight) whose result is
+    within one bf16 step of the module's, and the module's output dtype must be its input's.
+    A module of another formula (Gemma's `1 + weight`, a bias, a learned eps), or one that fails
+    on the probe, is a ValueError naming `where`."""
     weight = getattr(norm, "weight", None)
     eps = next((getattr(norm, a) for a in _EPS_ATTRS if isinstance(getattr(norm, a, None), float)), None)
     params = dict(norm.named_parameters())
     if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or set(params) != {"weight"} or eps is None:
         raise ValueError(f"model.{where} ({type(norm).__name__}) is not an RMSNorm with one 1-D `weight` and a float "
                          f"`{'` / `'.join(_EPS_ATTRS)}` attribute; it normalises over features split over tp")
+    refused = (f"model.{where} ({type(norm).__name__}) does not compute weight * x / sqrt(mean(x^2) + eps) over "
+               f"its last dim (eps = {eps}) in x's dtype, checked on random inputs; a norm over features split over "
+               "tp must, to be computed from every rank's sum of squares")
+    try:
+        found = _cast_order(norm, eps, weight.shape[0])
+    except Exception as err:  # the module cannot run as a plain RMSNorm on a [rows, features] input
+        raise ValueError(f"{refused} (running it raised {type(err).__name__}: {err})") from None
+    if found is None:
+        raise ValueError(refused)
+    return eps, found
+
+
+@torch.no_grad()
+def _cast_order(norm: nn.Module, eps: float, n: int) -> bool | None:
+    """Whether `norm` casts back to x's dtype before the weight (True), after (False), or neither
+    matches `split_rms_norm` (None)."""
     probe = copy.deepcopy(norm).to_empty(device="cpu").float()
     gen = torch.Generator().manual_seed(0)
-    n = weight.shape[0]
-    with torch.no_grad():
-        probe.weight.copy_(torch.randn(n, generator=gen) + 1.0)
-        x = torch.randn(3, n, generator=gen) * 3.0
-        ok = (probe(x) - split_rms_norm(x, probe.weight, eps, n, lambda s: s, False)).abs().max() <= 1e-6 * (
-            probe(x).abs().max())
-        found = None
-        if ok:  # where HF casts back to x's dtype: the order whose bf16 result is closer
-            probe, xb = probe.to(torch.bfloat16), x.to(torch.bfloat16)
-            expected = probe(xb).float()
-            errors = [(expected - split_rms_norm(xb, probe.weight, eps, n, lambda s: s, before).float()).abs().max()
-                      for before in (False, True)]
-            found = bool(errors[1] < errors[0])
-    if found is None:
-        raise ValueError(f"model.{where} ({type(norm).__name__}) does not compute weight * x / sqrt(mean(x^2) + "
-                         f"eps) over its last dim (eps = {eps}), checked on a random input; a norm over features "
-                         "split over tp must, to be computed from every rank's sum of squares")
-    return eps, found
+    probe.weight.copy_(torch.randn(n, generator=gen) + 1.0)
+    x = torch.randn(3, n, generator=gen)
+    for scale in (3.0, max(eps, 1e-12) ** 0.5):  # the second: mean(x^2) about eps
+        expected = probe(x * scale)
+        got = split_rms_norm(x * scale, probe.weight, eps, n, lambda s: s, False)
+        if expected.dtype != torch.float32 or (expected - got).abs().max() > 1e-6 * expected.abs().max():
+            return None
+    probe, xb = probe.to(torch.bfloat16), (x * 3.0).to(torch.bfloat16)
+    expected = probe(xb)
+    if expected.dtype != torch.bfloat16:
+        return None
+    step = expected.float().abs() * 2.0 ** -7 + 1e-30  # one bf16 step (8 significant bits)
+    scores = {}
+    for before in (True, False):  # the order more of whose elements equal the module's, within a step
+        got = split_rms_norm(xb, probe.weight, eps, n, lambda s: s, before)
+        if ((got.float() - expected.float()).abs() <= step).all():
+            scores[before] = (got == expected).sum().item()
+    return max(scores, key=scores.get) if scores else None
 
 
 class SplitRMSNorm(nn.Module):

@@ -146,7 +146,11 @@ def _plan_split_norms(plan: TensorParallelPlan, policy, layer: nn.Module, prefix
             shape = None if weight is None else tuple(weight.shape)
             raise policy.entry_error("split_norms", {entry: linear}, f"normalises {shape} features in model.{prefix}"
                                      f"{entry}, but model.{prefix}{linear} has {spec.full} outputs")
-        plan.split_norms[prefix + entry] = (spec, rms_norm_form(norm, prefix + entry))
+        try:
+            form = rms_norm_form(norm, prefix + entry)
+        except ValueError as err:
+            raise policy.entry_error("split_norms", {entry: linear}, str(err)) from None
+        plan.split_norms[prefix + entry] = (spec, form)
 
 
 def plan_tensor_parallel(model: nn.Module, policy, tp: int) -> TensorParallelPlan:
