@@ -54,8 +54,10 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _local_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's chunk of x along dim, in storage of its own (a view, contiguous or not, would keep
+    all of x alive as long as the chunk is saved for backward)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    return x.chunk(world, dim=dim)[rank].contiguous()
+    return x.chunk(world, dim=dim)[rank].clone(memory_format=torch.contiguous_format)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:

@@ -105,3 +105,22 @@ def test_communication_per_layer_is_textbook(pools, mode):
     for key in sorted(set(want) | set(measured)):
         print(f"  {key[0]:8s} {key[1]:14s} measured {measured.get(key, 0):>9d}  textbook {want.get(key, 0):>9d}")
     assert measured == want
+
+
+def check_split_owns_its_storage():
+    """split_seq returns this rank's chunk in storage of its own, batch 1 (where the chunk of
+    [1, S, H] along S is a contiguous view) and batch 2, S even and odd (padded first): a view
+    would keep the whole sequence alive while a layer saves its chunk for backward."""
+    out = []
+    for batch in (1, 2):
+        for seq in (S, S + 1):
+            x = torch.randn(batch, seq, H)
+            part = comm.split_seq(x, 1, dist.group.WORLD)
+            expected = comm.pad_to_multiple(x, 1, 2).chunk(2, dim=1)[dist.get_rank()]
+            out.append(torch.equal(part, expected) and part.is_contiguous()
+                       and part.untyped_storage().nbytes() == expected.numel() * F32)
+    return out
+
+
+def test_split_owns_its_storage(pools):
+    assert all(all(r) for r in pools(2).run(check_split_owns_its_storage))
