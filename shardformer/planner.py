@@ -14,8 +14,9 @@ padding, replicated KV heads, pipeline cuts included). Per rank:
     (by the sequence split otherwise only the tensor-parallel part, 24 of 34), or 2 s b h with
     gradient checkpointing plus one layer's full set; times the microbatches a stage holds (1F1B:
     pp - stage; GPipe: all).
-`--search` lists the layouts of the given GPU count that fit, fastest-looking first (a crude
-score: pipeline bubble, tensor-parallel and ZeRO-3 communication, recomputation).
+`--search` lists the layouts of the given GPU count that fit (tp, pp, sp with all_to_all, ZeRO,
+checkpointing), fastest-looking first (a crude score: pipeline bubble, tensor- and
+sequence-parallel and ZeRO-3 communication, recomputation).
 """
 from __future__ import annotations
 
@@ -169,28 +170,38 @@ def _layout(tp, pp, sp, sp_mode, zero, micro, schedule, checkpointing):
 
 
 def search(hf_config, gpus: int, batch: int, seq: int, budget: int, top: int = 5) -> list[tuple[float, str, object]]:
-    """Layouts of `gpus` ranks that fit, fastest-looking first."""
+    """Layouts of `gpus` ranks that fit, fastest-looking first: tp (with split_gather), pp (1f1b,
+    2 pp microbatches), sp on its own axis (all_to_all, also with pp), ZeRO 1-3 (3 without pp),
+    gradient checkpointing on or off."""
     found = []
     heads = hf_config.num_attention_heads
     for tp in (t for t in (1, 2, 4, 8) if gpus % t == 0 and heads % t == 0):
-        for pp in (p for p in (1, 2, 4, 8, 16) if gpus % (tp * p) == 0 and p <= hf_config.num_hidden_layers):
-            for zero in (1, 2, 3) if pp == 1 else (1, 2):
-                for checkpointing in (False, True):
-                    micro = 2 * pp if pp > 1 else None
-                    layout = _layout(tp, pp, 1, "split_gather" if tp > 1 else None, zero, micro, "1f1b",
-                                     checkpointing)
-                    try:
-                        stages = stage_memory(hf_config, layout, gpus, batch, seq)
-                    except ValueError:
-                        continue
-                    if max(s.total for s in stages) > budget:
-                        continue
-                    bubble = (pp - 1) / (micro + pp - 1) if pp > 1 else 0.0
-                    score = (1 + bubble) * (1.33 if checkpointing else 1.0) * (1 + 0.06 * math.log2(tp)) * \
-                        (1.1 if zero == 3 else 1.0)
-                    found.append((score, f"tp {tp} x pp {pp} x dp {gpus // (tp * pp)}, zero {zero}"
-                                  + (", checkpointing" if checkpointing else ""), layout))
+        for sp in (s for s in (1, 2, 4, 8) if gpus % (tp * s) == 0 and heads % (tp * s) == 0):
+            for pp in (p for p in (1, 2, 4, 8, 16) if gpus % (tp * sp * p) == 0 and p <= hf_config.num_hidden_layers):
+                for zero in (1, 2, 3) if pp == 1 else (1, 2):
+                    for checkpointing in (False, True):
+                        found.extend(_candidate(hf_config, gpus, batch, seq, budget, tp, sp, pp, zero, checkpointing))
     return sorted(found, key=lambda f: f[0])[:top]
+
+
+def _candidate(hf_config, gpus, batch, seq, budget, tp, sp, pp, zero, checkpointing) -> list:
+    """[(score, name, layout)] for one layout if it can be set up and fits, else []. The score is
+    crude: the pipeline bubble, recomputation, tp's and sp's collectives, ZeRO-3's all-gathers."""
+    micro = 2 * pp if pp > 1 else None
+    sp_mode = "all_to_all" if sp > 1 else "split_gather" if tp > 1 else None
+    layout = _layout(tp, pp, sp, sp_mode, zero, micro, "1f1b", checkpointing)
+    try:
+        stages = stage_memory(hf_config, layout, gpus, batch, seq)
+    except ValueError:
+        return []
+    if max(s.total for s in stages) > budget:
+        return []
+    bubble = (pp - 1) / (micro + pp - 1) if pp > 1 else 0.0
+    score = (1 + bubble) * (1.33 if checkpointing else 1.0) * (1 + 0.06 * math.log2(tp)) * \
+        (1 + 0.05 * math.log2(sp)) * (1.1 if zero == 3 else 1.0)
+    name = f"tp {tp} x " + (f"sp {sp} (all_to_all) x " if sp > 1 else "") + \
+        f"pp {pp} x dp {gpus // (tp * sp * pp)}, zero {zero}" + (", checkpointing" if checkpointing else "")
+    return [(score, name, layout)]
 
 
 def main(argv=None) -> int:

@@ -72,3 +72,19 @@ def test_planner_command_line():
                          capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "-c/--config 'nonexistent-config-name'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_search_proposes_the_sequence_axis_with_pipelines():
+    """At 64k tokens per sequence and 150 MiB per GPU, the tiny model's fastest-looking layout of 8
+    GPUs splits the sequence on the sp axis (all_to_all) under a 2-stage pipeline; every layout
+    listed fits the budget by its own stage memory, and splits heads evenly over tp x sp."""
+    from shardformer.planner import search
+
+    config, budget = hf_config_of("tiny"), 150 * 2 ** 20
+    found = search(config, 8, 8, 65536, budget, top=100)
+    assert found[0][1] == "tp 1 x sp 2 (all_to_all) x pp 2 x dp 2, zero 1", [f[1] for f in found[:3]]
+    for _, name, layout in found:
+        assert max(s.total for s in stage_memory(config, layout, 8, 8, 65536)) <= budget, name
+        assert (layout.sp_mode == "all_to_all") == (layout.sp_size > 1), name
+        assert config.num_attention_heads % (layout.tp_size * layout.sp_size) == 0, name
+    assert not any(f[2].sp_size == 1 and f[2].tp_size == 1 and f[2].pp_size == 1 for f in found)  # dp alone: too big
