@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import policies as _policies
 from .batch_check import check_batch
-from .comm import agree_on_failure, all_or_none, all_reduce_no_grad
+from .comm import agree_on_failure, all_or_none, all_reduce_no_grad, comm_device
 from .config import ShardConfig
 from .data_parallel import GradReducer, apply_zero3
 from .data_parallel.zero3 import no_gradient_sync
@@ -299,7 +299,13 @@ def _apply(model, plan, groups) -> None:
     model.sf_grad_reducer = GradReducer(model, groups, reduce_data=config.zero_stage != 3)
     model.__class__ = _sharded_class(type(model))
     if config.zero_stage == 3:  # last: FSDP2 wraps the sharded class and its parameters
-        apply_zero3(model, model.get_submodule(plan.tp.layers_path), groups, config.cpu_offload)
+        runner = model.sf_pipeline
+        apply_zero3(model, model.get_submodule(plan.tp.layers_path), groups, config.cpu_offload,
+                    runner.modules if runner is not None else ())
+        if runner is not None:
+            runner.find_tied_param(model)  # FSDP2 put its own parameter in place
+            runner.fsdp_dtype = model.sf_param_dtype  # FSDP2 computes in it (its shards: fp32 masters)
+            runner.fsdp_device = comm_device() if config.cpu_offload else None  # and where it communicates
 
 
 def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None = None) -> torch.nn.Module:

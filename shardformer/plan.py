@@ -51,7 +51,7 @@ def plan_layout(model: nn.Module, policy, config: ShardConfig, world_size: int) 
         sp = plan_ulysses(model, policy, tp, config)
     pp = plan_pipeline(model, policy, tp, config) if config.pp_size > 1 else None
     if config.zero_stage == 3:
-        plan_zero3(config, tp)
+        plan_zero3(config, tp, pp)
     if pp is not None and sp is not None:  # each stage's first layer cuts its input to this rank's part
         starts = [pp.layer_range(s).start for s in range(pp.stages)]
         sp.stage_starts = set(starts)

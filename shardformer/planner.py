@@ -171,14 +171,14 @@ def _layout(tp, pp, sp, sp_mode, zero, micro, schedule, checkpointing):
 
 def search(hf_config, gpus: int, batch: int, seq: int, budget: int, top: int = 5) -> list[tuple[float, str, object]]:
     """Layouts of `gpus` ranks that fit, fastest-looking first: tp (with split_gather), pp (1f1b,
-    2 pp microbatches), sp on its own axis (all_to_all, also with pp), ZeRO 1-3 (3 without pp),
+    2 pp microbatches), sp on its own axis (all_to_all, also with pp), ZeRO 1-3,
     gradient checkpointing on or off."""
     found = []
     heads = hf_config.num_attention_heads
     for tp in (t for t in (1, 2, 4, 8) if gpus % t == 0 and heads % t == 0):
         for sp in (s for s in (1, 2, 4, 8) if gpus % (tp * s) == 0 and heads % (tp * s) == 0):
             for pp in (p for p in (1, 2, 4, 8, 16) if gpus % (tp * sp * p) == 0 and p <= hf_config.num_hidden_layers):
-                for zero in (1, 2, 3) if pp == 1 else (1, 2):
+                for zero in (1, 2, 3):
                     for checkpointing in (False, True):
                         found.extend(_candidate(hf_config, gpus, batch, seq, budget, tp, sp, pp, zero, checkpointing))
     return sorted(found, key=lambda f: f[0])[:top]

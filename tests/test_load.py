@@ -89,13 +89,14 @@ def check_load(directory, layout):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_save_at_tp2_load_anywhere(pools, tmp_path, tied):
-    """Saved at tp = 2; loaded at tp = 4, pp = 2 (and pp 2 x tp 2), tp = 1, and ZeRO-3 at dp 2 and
-    tp 2 x dp 2: the same logits (or loss, for the pipeline); each rank reads its shard's bytes
+    """Saved at tp = 2; loaded at tp = 4, pp = 2 (and pp 2 x tp 2), tp = 1, and ZeRO-3 at dp 2,
+    tp 2 x dp 2 and pp 2 x dp 2: the same logits (or loss, for the pipeline); each rank reads its shard's bytes
     (+- one tensor; at ZeRO-3 its dp chunk of its tensor-parallel piece)."""
     directory = str(tmp_path / "ckpt")
     pools(2).run(check_save, directory, tied)
     for world, layout in [(4, dict(tp_size=4)), (2, dict(pp_size=2)), (4, dict(pp_size=2, tp_size=2)),
-                          (1, dict()), (2, dict(zero_stage=3)), (4, dict(tp_size=2, zero_stage=3))]:
+                          (1, dict()), (2, dict(zero_stage=3)), (4, dict(tp_size=2, zero_stage=3)),
+                          (4, dict(pp_size=2, zero_stage=3))]:
         results = pools(world).run(check_load, directory, layout)
         for err, read, mine, largest in results:
             assert err <= TOL, (layout, err)
@@ -127,13 +128,13 @@ def check_init(layout, tied):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_init_as_shards_is_layout_independent(pools, tied):
-    """The same seed gives bit-identical full weights at tp 1, tp 2, tp 4, pp 2, and ZeRO-3 at dp 2
-    and tp 2 x dp 2 (every tensor, norms at one, the padding row of the embedding at zero)."""
+    """The same seed gives bit-identical full weights at tp 1, tp 2, tp 4, pp 2, and ZeRO-3 at dp 2,
+    tp 2 x dp 2 and pp 2 x dp 2 (every tensor, norms at one, the padding row of the embedding at zero)."""
     one = pools(1).run(check_init, dict(), tied)[0]
     assert torch.equal(one["model.layers.0.input_layernorm.weight"], torch.ones(64))
     assert float(one["model.embed_tokens.weight"].std()) == pytest.approx(0.02, rel=0.1)
     for world, layout in [(2, dict(tp_size=2)), (4, dict(tp_size=4)), (2, dict(pp_size=2)),
-                          (2, dict(zero_stage=3)), (4, dict(tp_size=2, zero_stage=3))]:
+                          (2, dict(zero_stage=3)), (4, dict(tp_size=2, zero_stage=3)), (4, dict(pp_size=2, zero_stage=3))]:
         other = pools(world).run(check_init, layout, tied)[0]
         assert other.keys() >= {k for k in one if not (tied and k == "lm_head.weight")}, layout
         for name, tensor in one.items():
@@ -152,7 +153,9 @@ def check_init_trains(layout, tied, steps=2):
     model = sf.init_model(hf_config, config=sf.ShardConfig(**layout), seed=7)
     assert all(hasattr(p, "to_local") for p in model.parameters())  # FSDP2's DTensors over dp
     ref = LlamaForCausalLM(hf_config).float()
-    ref.load_state_dict(sf.full_state_dict(model))
+    held = [None] * dist.get_world_size()  # a pipeline stage holds its own tensors
+    dist.all_gather_object(held, sf.full_state_dict(model))
+    ref.load_state_dict({k: v for part in held for k, v in part.items()})
     zero = sf.ZeroOptimizer(torch.optim.AdamW(model.parameters(), **ADAMW), model)
     ref_opt = torch.optim.AdamW(ref.parameters(), **ADAMW)
     dp, rank = model.sf_mesh["dp"].size(), model.sf_mesh.get_local_rank("dp")
@@ -169,8 +172,10 @@ def check_init_trains(layout, tied, steps=2):
 
 
 @pytest.mark.parametrize("world,layout,tied", [(2, dict(zero_stage=3), False),
-                                               (4, dict(tp_size=2, zero_stage=3), True)])
+                                               (4, dict(tp_size=2, zero_stage=3), True),
+                                               (4, dict(pp_size=2, zero_stage=3), True)])
 def test_init_at_zero_stage_3_trains(pools, world, layout, tied):
-    """A model initialised as shards at ZeRO-3 (dp 2; tp 2 x dp 2) trains like the unsharded model
+    """A model initialised as shards at ZeRO-3 (dp 2; tp 2 x dp 2; pp 2 x dp 2, the tied embedding
+    a copy on each end stage) trains like the unsharded model
     with the same weights: the same losses and weights over two AdamW steps."""
     assert max(pools(world).run(check_init_trains, layout, tied)) <= TOL

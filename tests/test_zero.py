@@ -25,11 +25,15 @@ def _rows(model, rows_per_rank):
 
 
 def check_zero(stage, tp=1, sp=1, sp_mode=None, pp=1, accumulate=1, offload=False, steps=5, rows_per_rank=2,
-               seq=12, kv_heads=2, checkpointing=False, save_dir=None, family="llama"):
-    ref = build(family, tied=True, num_hidden_layers=4, num_key_value_heads=kv_heads)
+               seq=12, kv_heads=2, checkpointing=False, save_dir=None, family="llama", tied=True, schedule="1f1b",
+               microbatches=None):
+    ref = build(family, tied=tied, num_hidden_layers=4, num_key_value_heads=kv_heads)
     cfg = sf.ShardConfig(tp_size=tp, sp_size=sp, sp_mode=sp_mode, pp_size=pp, zero_stage=stage,
-                         cpu_offload=offload and stage == 3, gradient_checkpointing=checkpointing)
+                         cpu_offload=offload and stage == 3, gradient_checkpointing=checkpointing,
+                         pp_schedule=schedule, num_microbatches=microbatches)
     model = sf.shard_model(copy.deepcopy(ref), config=cfg)
+    if stage == 3:  # FSDP2 shards every parameter this rank holds over dp (x sp)
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters())
     zero = sf.ZeroOptimizer(torch.optim.AdamW(model.parameters(), **ADAMW), model, cpu_offload=offload)
     ref_opt = torch.optim.AdamW(ref.parameters(), **ADAMW)
     dp, mine = _rows(model, rows_per_rank)
@@ -55,20 +59,22 @@ def check_zero(stage, tp=1, sp=1, sp_mode=None, pp=1, accumulate=1, offload=Fals
 
 def check_saved(model, directory):
     """sf.save_pretrained writes exactly the model's full weights (as sf.full_state_dict gives
-    them, every name of the unsharded model, in the model's dtype, which config.json names),
+    them on the ranks holding them, every name of the unsharded model, in the model's dtype, which config.json names),
     loadable with plain from_pretrained."""
     import json
     import os
 
     from transformers import AutoModelForCausalLM
 
-    full = sf.full_state_dict(model)
+    full = sf.full_state_dict(model)  # a pipeline stage: its own tensors; every rank's together: all
+    held = [None] * dist.get_world_size()
+    dist.all_gather_object(held, sorted(full))
     sf.save_pretrained(model, directory)
     dist.barrier()
     with open(os.path.join(directory, "config.json")) as f:
         assert json.load(f)["dtype"] == str(model.dtype).removeprefix("torch.")
     loaded = AutoModelForCausalLM.from_pretrained(directory, dtype="auto").state_dict()
-    assert loaded.keys() == full.keys(), sorted(loaded.keys() ^ full.keys())
+    assert loaded.keys() == set().union(*held), sorted(loaded.keys() ^ set().union(*held))
     wrong = [k for k in full if loaded[k].dtype != model.dtype or not torch.equal(loaded[k], full[k])]
     assert not wrong, wrong
     dist.barrier()  # every rank has read the directory before the next check rewrites it
@@ -98,6 +104,11 @@ def test_zero_matches_adamw(pools, stage, dp):
     (3, dict(tp=2, sp_mode="split_gather", save=True)),  # norm weights partial over tp
     (3, dict(tp=2, kv_heads=1, accumulate=2)),         # partial sums under no_sync
     (3, dict(tp=2, sp_mode="split_gather", checkpointing=True)),  # forwards run again: each sum hooked once
+    (3, dict(pp=2, steps=3, save=True)),               # pp2 x dp2, tied: a sharded copy on each end stage
+    (3, dict(pp=2, steps=3, tied=False, schedule="gpipe", accumulate=2)),
+    (3, dict(pp=2, steps=3, schedule="interleaved", microbatches=4, rows_per_rank=4)),  # 2 stage roots a rank
+    (3, dict(pp=2, steps=3, sp=2, sp_mode="all_to_all")),  # pp2 x sp2: FSDP2 over dp x sp
+    (3, dict(pp=2, steps=3, checkpointing=True, offload=True)),
 ])
 def test_zero_layouts(pools, tmp_path, stage, kwargs):
     """Every layout reproduces AdamW on the unsharded model; the `save` ones also write it with
@@ -106,6 +117,12 @@ def test_zero_layouts(pools, tmp_path, stage, kwargs):
     if kwargs.pop("save", False):
         kwargs["save_dir"] = str(tmp_path / "saved")
     assert max(pools(4).run(check_zero, stage, **kwargs)) <= TOL
+
+
+def test_zero_3_with_pipeline_and_tensor_parallel(pools):
+    """pp 2 x tp 2 x dp 2 (8 ranks) at stage 3: FSDP2 shards each rank's tensor-parallel pieces over
+    dp inside each stage root; two AdamW steps with clipping equal the unsharded model's."""
+    assert max(pools(8).run(check_zero, 3, pp=2, tp=2, steps=2)) <= TOL
 
 
 def check_memory(stage):
@@ -203,7 +220,7 @@ def check_overflow(stage, pp=1):
     return changed
 
 
-@pytest.mark.parametrize("stage,pp", [(1, 1), (2, 1), (3, 1), (1, 2)])
+@pytest.mark.parametrize("stage,pp", [(1, 1), (2, 1), (3, 1), (1, 2), (3, 2)])
 def test_fp16_overflow_skips_the_step_everywhere(pools, stage, pp):
     """dp 2, and pp 2 x dp 2 (the inf on a first-stage rank, the last stage skips too)."""
     pools(2 * pp).run(check_overflow, stage, pp)
@@ -362,10 +379,10 @@ def test_bad_zero_input_raises_on_every_rank(pools):
 
 def check_stage_3_refusals():
     """Layouts stage 3 does not support are ValueErrors at setup naming the fields (4 ranks)."""
-    cases = [(dict(zero_stage=3, pp_size=2), "ShardConfig.pp_size=2")]
+    cases = [(dict(zero_stage=3, pp_size=2, pp_schedule="zbv"), "ShardConfig.pp_schedule='zbv'")]
     for kwargs, fragment in cases:
         with pytest.raises(ValueError, match="ShardConfig.zero_stage=3") as raised:
-            sf.shard_model(build("llama", num_hidden_layers=2), config=sf.ShardConfig(**kwargs))
+            sf.shard_model(build("llama", num_hidden_layers=4), config=sf.ShardConfig(**kwargs))
         assert fragment in str(raised.value), str(raised.value)
     return True
 

@@ -174,6 +174,7 @@ def materialize_sharded(model: nn.Module, device) -> None:
     materialised by FSDP2's documented `to_empty`, which keeps every parameter object (ties
     included) and re-pads FSDP's own shard storage."""
     from ..data_parallel import GradReducer
+    from ..data_parallel.zero3 import fsdp_roots
     from ..mesh import device_type
 
     stage3 = model.sf_config.zero_stage == 3
@@ -181,8 +182,9 @@ def materialize_sharded(model: nn.Module, device) -> None:
         device = torch.device("cpu")  # FSDP2's CPUOffloadPolicy wants the shards there
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
-    if stage3:
-        model.to_empty(device=torch.device(device))
+    if stage3:  # each FSDP2 root (the model, or with pipelines each stage module: it holds what it runs)
+        for root in fsdp_roots(model):
+            root.to_empty(device=torch.device(device))
         made = {}
     else:
         made = _materialize(model, torch.device(device))

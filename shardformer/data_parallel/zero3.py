@@ -30,7 +30,11 @@ sharding, so FSDP's shards are the fp32 master weights the optimizer steps; FSDP
 `MixedPrecisionPolicy` casts them to the model's dtype for the all-gather and compute and
 reduce-scatters gradients in fp32. fp16 loss scaling is `sf.ZeroOptimizer`'s.
 
-Refused at setup (ValueError): pipeline parallelism.
+With pipeline parallelism each of a rank's stage modules is the FSDP root of its own layers'
+units and holds the embedding / final norm / head its stage runs; torch's `PipelineStage` keeps
+the gradients unsharded over a step's microbatches and reduce-scatters them once after the last.
+Tied embeddings on two stages are two sharded copies, whose gradients' shards are summed over
+the two ranks (`PipelineRunner.finish`). Refused at setup (ValueError): the zbv schedule.
 """
 from __future__ import annotations
 
@@ -40,11 +44,14 @@ import torch
 from torch import nn
 
 
-def plan_zero3(config, tp_plan) -> None:
-    """ValueError for a layout stage 3 does not support (no collective)."""
-    if config.pp_size > 1:
-        raise ValueError(f"ShardConfig.zero_stage=3 with ShardConfig.pp_size={config.pp_size} is not supported: use "
-                         "zero_stage 1 or 2 with pipelines")
+def plan_zero3(config, tp_plan, pp_plan=None) -> None:
+    """ValueError for a layout stage 3 does not support (no collective): the zbv pipeline schedule,
+    whose split backward (input gradients first, weight gradients later) FSDP2's gradient
+    reduce-scatter does not follow (its weights came out wrong in a test)."""
+    if pp_plan is not None and pp_plan.schedule == "zbv":
+        raise ValueError("ShardConfig.zero_stage=3 with ShardConfig.pp_schedule='zbv' is not supported (FSDP2 does "
+                         "not follow its split backward): use pp_schedule '1f1b', 'gpipe' or 'interleaved', or "
+                         "zero_stage 1 or 2")
 
 
 def local_region(tensor: torch.Tensor) -> list[tuple[int, int]]:
@@ -88,8 +95,11 @@ def fp32_masters(model: nn.Module):
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
-def apply_zero3(model: nn.Module, layers: nn.ModuleList, groups, cpu_offload: bool) -> None:
-    """Shard `model`'s weights over the dp axis (see module docstring). Collective-free setup."""
+def apply_zero3(model: nn.Module, layers: nn.ModuleList, groups, cpu_offload: bool, stages=()) -> None:
+    """Shard `model`'s weights over the dp axis (see module docstring). Collective-free setup.
+    `stages`: the pipeline stage modules this rank runs (pp > 1), each then the root of its own
+    layers' units, holding the embedding / final norm / head it runs; torch's pipeline stage
+    drives such a root (no gradient reduce-scatter until the step's last microbatch)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = groups.mesh["dp"]
@@ -98,17 +108,30 @@ def apply_zero3(model: nn.Module, layers: nn.ModuleList, groups, cpu_offload: bo
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     policies = dict(mesh=mesh, offload_policy=offload, mp_policy=fp32_masters(model))
     for layer in layers:
-        fully_shard(layer, **policies)
-    # the root too is resharded after each forward: a forward without backward (evaluation,
+        if any(True for _ in layer.parameters()):  # not a layer another pipeline stage holds
+            fully_shard(layer, **policies)
+    # the roots too are resharded after each forward: a forward without backward (evaluation,
     # generate) must not leave the embedding / head gathered for an optimizer built after it
-    fully_shard(model, reshard_after_forward=True, **policies)
+    for root in stages or (model,):
+        fully_shard(root, reshard_after_forward=True, **policies)
+
+
+def fsdp_roots(model: nn.Module) -> list:
+    """The FSDP2 roots of a ZeRO-3 model: its pipeline stage modules, else the model."""
+    runner = getattr(model, "sf_pipeline", None)
+    return list(runner.modules) if runner is not None else [model]
 
 
 @contextlib.contextmanager
 def no_gradient_sync(model):
-    """FSDP2's gradient accumulation without reduce-scatter (`set_requires_gradient_sync`)."""
-    model.set_requires_gradient_sync(False)
+    """FSDP2's gradient accumulation without reduce-scatter (`set_requires_gradient_sync`). With
+    pipelines torch's stage turns the sync back on at each step's last microbatch: the gradient
+    is then reduce-scattered at every step, which accumulates the same sum."""
+    roots = fsdp_roots(model)
+    for root in roots:
+        root.set_requires_gradient_sync(False)
     try:
         yield
     finally:
-        model.set_requires_gradient_sync(True)
+        for root in roots:
+            root.set_requires_gradient_sync(True)

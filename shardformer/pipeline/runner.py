@@ -32,6 +32,7 @@ from torch.distributed.pipelining import (
     PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble,
 )
 
+from ..sharding import local as local_shard
 from .stage import StageModule
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
@@ -70,6 +71,9 @@ class PipelineRunner:
         self._schedules: OrderedDict = OrderedDict()
         self._tied_before = None
         self._scale, self._losses = 1.0, []  # this step's loss scale; its microbatches' unscaled losses
+        # ZeRO-3: the parameters are FSDP2's fp32 masters, on the CPU with cpu_offload; the dtype and
+        # (with offload) the device the stages compute in instead, set by shard_model; None: the parameters'
+        self.fsdp_dtype = self.fsdp_device = None
 
     @property
     def has_first(self) -> bool:
@@ -101,22 +105,27 @@ class PipelineRunner:
         if ids.shape[0] % n:
             raise ValueError(f"the batch size {ids.shape[0]} does not divide by ShardConfig.num_microbatches={n}")
 
+    def _compute(self) -> tuple[torch.dtype, torch.device]:
+        """(dtype, device) of this rank's stages' computation, read now from their parameters (the
+        model may have been cast, moved, or materialised from the meta device after sharding),
+        or FSDP2's at ZeRO-3 (`fsdp_dtype`, `fsdp_device`)."""
+        param = next(self.modules[0].parameters())
+        return self.fsdp_dtype or param.dtype, self.fsdp_device or param.device
+
     @property
     def device(self) -> torch.device:
-        """Where this rank's stages are now (read from their parameters: the model may have been
-        moved, or materialised from the meta device, after sharding)."""
-        return next(self.modules[0].parameters()).device
+        """Where this rank's stages compute."""
+        return self._compute()[1]
 
     def _hidden(self, mb: int, seq: int, grad: bool) -> torch.Tensor:
         """A buffer of the hidden states passed between stages for a sequence of `seq` tokens."""
-        param = next(self.modules[0].parameters())  # read now: the model may have been cast or moved
+        dtype, device = self._compute()
         if self.sequence is not None:
             seq = self.sequence.length(seq)
-        return torch.empty(mb, seq, self.hidden_size, dtype=param.dtype, device=param.device, requires_grad=grad)
+        return torch.empty(mb, seq, self.hidden_size, dtype=dtype, device=device, requires_grad=grad)
 
     def _schedule(self, mb: int, seq: int):
-        param = next(self.modules[0].parameters())
-        key = (mb, seq, param.dtype, param.device)
+        key = (mb, seq, *self._compute())
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
@@ -153,6 +162,12 @@ class PipelineRunner:
             module.num_items, module.length = count, ids.shape[1]
         return ids, kwargs
 
+    def find_tied_param(self, model) -> None:
+        """Look up this rank's copy of the tied embedding again (ZeRO-3's FSDP2 replaces parameters)."""
+        if self.tied_param is not None:
+            path = self.plan.embedding_path if self.has_first else self.plan.head_path
+            self.tied_param = model.get_submodule(path).weight
+
     def finish(self, local: torch.Tensor, train: bool) -> torch.Tensor:
         """After every rank's schedule succeeded: sum this step's tied-embedding gradients over
         their two stages (train) and share the loss the last stage holds; returns this replica's
@@ -160,7 +175,8 @@ class PipelineRunner:
         if train and self.tied_group is not None:
             param = self.tied_param
             step = param.grad if self._tied_before is None else param.grad - self._tied_before
-            dist.all_reduce(step, group=self.tied_group)  # only this step's part: accumulation stays exact
+            # only this step's part: accumulation stays exact; at ZeRO-3 both copies are sharded
+            dist.all_reduce(local_shard(step), group=self.tied_group)  # alike over dp: the shards add up
             param.grad = step if self._tied_before is None else self._tied_before + step
         dist.all_reduce(local, group=self.group)
         return local

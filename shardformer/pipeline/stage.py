@@ -109,10 +109,12 @@ class StageModule(nn.Module):
         self.index, self.first, self.last = index, index == 0, index == plan.stages - 1
         keep = set(plan.layer_range(index))
         replacements = {plan.layers_path: _layers_keeping(model.get_submodule(plan.layers_path), keep)}
+        if not self.first:  # later stages get inputs_embeds; the rank's first stage may hold the embedding
+            replacements[plan.embedding_path] = AbsentEmbedding()
         if not self.last:
             replacements[plan.final_norm_path] = PassThrough()
             replacements[plan.head_path] = PassThrough()
-        self.view = view_with(model, replacements)
+        self.view = view_with(model, replacements)  # holds exactly the parameters this stage runs
         self.base_path = plan.layers_path.rpartition(".")[0]
         self.call_model = call_model  # (view, kwargs) -> the HF output of the whole model
         self.num_items = None  # the whole batch's target count, set before each step

@@ -12,7 +12,10 @@ where an all-to-all trades the sequence split for a head split and back. It comp
     at its own positions and zeros elsewhere (`place`, local), so transformers builds the
     positions, rotary embeddings and mask of the whole sequence; the first layer of each stage
     takes the chunk back (`take`, local: no communication, and no gradient scaling, the chunk's
-    gradient already follows the convention below);
+    gradient already follows the convention below). The whole-length tensor is a transient
+    O(S x hidden) per microbatch (its backward too), as on the first stage; with transformers
+    versions whose checkpointed layer runs its hooks inside the checkpoint (5.17), gradient
+    checkpointing keeps it for the stage's first layer until that layer's backward;
   * transformers' attention registry: the model's attention implementation (sdpa, eager, ...)
     is wrapped by `ulysses_attention` under a new name ("sf_ulysses_<inner>", with the inner
     one's mask function): q, k, v [B, heads, S/sp, D] -> all-to-all -> [B, heads/sp, S, D]
@@ -147,13 +150,14 @@ def _layer_pre_hook(length: SequenceLength, group, chunks: SequenceChunks, first
     """`first`: the model's first layer (splits its input); `stage_start`: the first layer of a later
     pipeline stage (its input is a received chunk placed in a whole sequence: takes it back)."""
     split = zigzag_split if mode == "ring" else split_seq
+    chunk = zigzag_chunk if mode == "ring" else _chunk  # cos / sin need no gradient: a view where it can be
 
     def hook(module, args, kwargs):
         length.full = sequence_length(kwargs, mode)
         kwargs = dict(kwargs)
         cos_sin = kwargs.get("position_embeddings")
         if cos_sin is not None:
-            kwargs["position_embeddings"] = tuple(chunks.take(t, -2) for t in cos_sin)
+            kwargs["position_embeddings"] = tuple(chunk(t, -2, chunks.sp, chunks.rank) for t in cos_sin)  # no grad
         if first:
             return with_hidden_states(args, kwargs, lambda h: split(h, SEQ_DIM, group, 1.0 / chunks.sp))
         if stage_start:
