@@ -114,9 +114,9 @@ def check_save_from_layout(layout, path):
 
 @pytest.mark.parametrize("layout", [dict(zero_stage=1), dict(zero_stage=2, tp_size=2), dict(zero_stage=3),
                                     dict(zero_stage=3, tp_size=2), dict(pp_size=2, zero_stage=2),
-                                    dict(pp_size=2, tp_size=2, sp_mode="split_gather")])
+                                    dict(pp_size=2, tp_size=2, sp_mode="split_gather"), dict(pp_size=2, zero_stage=3)])
 def test_save_pretrained_from_every_layout(pools, layout):
-    """ZeRO 1-3 (with and without tp), pipeline with ZeRO-2, pipeline x split_gather: the saved
+    """ZeRO 1-3 (with and without tp), pipeline with ZeRO-2 and ZeRO-3, pipeline x split_gather: the saved
     directory loads with plain from_pretrained and holds exactly the trained weights."""
     with tempfile.TemporaryDirectory() as d:
         pools(4).run(check_save_from_layout, layout, os.path.join(d, "out"))

@@ -295,13 +295,13 @@ def _train(model, zero, steps, dp, mine):
         zero.zero_grad()
 
 
-def check_resume(stage, directory, phase):
+def check_resume(stage, directory, phase, pp=1):
     """phase "whole": 5 steps; "first": 3 steps, then save model and optimizer state per rank;
     "rest": new model and optimizer objects, load, steps 4 and 5. Returns the final weights."""
     import os
 
     ref = build("llama", tied=True, num_hidden_layers=2)
-    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(zero_stage=stage))
+    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(zero_stage=stage, pp_size=pp))
     zero = sf.ZeroOptimizer(torch.optim.AdamW(model.parameters(), **ADAMW), model)
     dp, mine = _rows(model, 2)
     path = os.path.join(directory, f"rank{dist.get_rank()}.pt")
@@ -316,18 +316,18 @@ def check_resume(stage, directory, phase):
     return {k: local(v).clone() for k, v in model.state_dict().items()}  # stage 3: this rank's shards
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_resume_is_exact(pools, tmp_path, stage):
+@pytest.mark.parametrize("stage,pp", [(1, 1), (2, 1), (3, 1), (3, 2)])
+def test_resume_is_exact(pools, tmp_path, stage, pp):
     """Save at step 3, restore in fresh processes (a new process group), steps 4-5 equal an
-    uninterrupted run bit for bit."""
+    uninterrupted run bit for bit (dp 2; pp 2 x dp 2 at stage 3: each stage root's shards)."""
     from .dist_harness import ProcessPool
 
-    run = pools(2).run
-    whole = run(check_resume, stage, str(tmp_path), "whole")
-    run(check_resume, stage, str(tmp_path), "first")
-    fresh = ProcessPool(2)
+    run = pools(2 * pp).run
+    whole = run(check_resume, stage, str(tmp_path), "whole", pp)
+    run(check_resume, stage, str(tmp_path), "first", pp)
+    fresh = ProcessPool(2 * pp)
     try:
-        resumed = fresh.run(check_resume, stage, str(tmp_path), "rest")
+        resumed = fresh.run(check_resume, stage, str(tmp_path), "rest", pp)
     finally:
         fresh.close()
     for a, b in zip(whole, resumed):
