@@ -26,7 +26,7 @@ class ShardConfig:
         sp_size: sequence-parallel degree of the sp axis (all_to_all, ring).
         sp_mode: None; "split_gather" (Megatron sequence parallelism on the tp group: needs
             tp_size > 1, sp_size stays 1); "all_to_all" (Ulysses) or "ring" (ring attention,
-            causal, no padding mask, CPU block op for now) on the sp axis: need sp_size > 1.
+            causal; right padding only, ignored by the loss) on the sp axis: need sp_size > 1.
         pp_schedule: "gpipe" | "1f1b" | "interleaved" | "zbv" (torch.distributed.pipelining's
             schedules; interleaved and zbv place 2 stages on each pp rank); needs pp_size > 1
             unless left at its default.

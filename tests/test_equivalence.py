@@ -459,34 +459,73 @@ def test_ring_attention(pools, world, sp, seq, tied):
     assert max(worst) <= TOL
 
 
+RING_PADDING = "sp_mode='ring' supports a padding mask only as right padding"
+
+
 def check_ring_refuses_padding():
-    """dp 2 x sp 2: only the second dp replica's batch has padding. forward_backward raises the
-    ValueError on every rank (the others name the padded ranks), before any collective of the
-    model: no rank goes on into the ring or the gradient reduction, so nothing hangs."""
+    """dp 2 x sp 2: only the second dp replica's batch has padding the ring cannot take (right
+    padding whose labels the loss does not ignore). forward_backward raises the ValueError on
+    every rank (the others name the padded ranks), before any collective of the model: no rank
+    goes on into the ring or the gradient reduction, so nothing hangs."""
     model = sf.shard_model(build("llama"), config=sf.ShardConfig(sp_size=2, sp_mode="ring"))
     padded_replica = torch.distributed.get_rank() >= 2
     ids, labels = batch(2, seq=11, seed=int(padded_replica))
     mask = torch.ones_like(ids)
     if padded_replica:
         mask[0, -3:] = 0
-    with pytest.raises(ValueError, match="without padding") as raised:
+    with pytest.raises(ValueError, match=RING_PADDING) as raised:
         model.forward_backward(input_ids=ids, attention_mask=mask, labels=labels)
     if not padded_replica:
         assert "rank 2" in str(raised.value) and "rank 3" in str(raised.value), raised.value
+    else:
+        assert "where the targets are not the ignore index (-100)" in str(raised.value), raised.value
     assert all(p.grad is None for p in model.parameters())  # no backward ran anywhere
     if padded_replica:
-        with pytest.raises(ValueError, match="without padding"):  # the plain call: before its batch check
+        with pytest.raises(ValueError, match=RING_PADDING):  # the plain call: before its batch check
             model(input_ids=ids, attention_mask=mask, labels=labels)
     model.forward_backward(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)  # all ones: fine
     return True
 
 
+def check_ring_right_padding():
+    """sp 2 ring with right padding whose labels are -100 (rows of 11 tokens, 0, 4 and 9 padded,
+    the last across the chunk boundaries): loss, every gradient and the eval loss equal the
+    unsharded model's with the mask. Left padding, and a padded call without labels, are refused."""
+    ref = build("llama")
+    model = sf.shard_model(copy.deepcopy(ref), config=sf.ShardConfig(sp_size=2, sp_mode="ring"))
+    ids, labels = batch(3, seq=11, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0
+    mask[2, 2:] = 0
+    labels = labels.masked_fill(mask == 0, -100)
+    ref_loss = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref_loss.backward()
+    errs = [rel_err(model.forward_backward(input_ids=ids, attention_mask=mask, labels=labels), ref_loss.detach())]
+    errs += list(grad_errors(model, ref).values())
+    with torch.no_grad():
+        errs.append(rel_err(model.forward_loss(input_ids=ids, attention_mask=mask, labels=labels), ref_loss.detach()))
+        errs.append(rel_err(model(input_ids=ids, attention_mask=mask, labels=labels).loss, ref_loss.detach()))
+    model.zero_grad()
+    for bad, why in ((mask.flip(1), "has a zero before a one"), (None, "computes no LM loss")):
+        with pytest.raises(ValueError, match=RING_PADDING) as raised:
+            if bad is None:
+                model(input_ids=ids, attention_mask=mask)
+            else:
+                model.forward_backward(input_ids=ids, attention_mask=bad, labels=labels.flip(1))
+        assert why in str(raised.value), raised.value
+    return max(errs)
+
+
 def test_ring_with_checkpointing_other_heads_and_padding_refused(pools):
     """ring with HF's gradient checkpointing and the unfused loss, for a model without an LM head
-    and a classifier; a padding mask is refused with a clear error."""
+    and a classifier; a padding mask it cannot take is refused with a clear error."""
     run = pools(2).run
     assert max(run(check_equivalence, "llama", 1, False, 1, True, 2, True, "ring", 11, 2)) <= TOL
     assert max(run(check_equivalence, "llama", 1, True, 1, False, 2, False, "ring", 11, 2)) <= TOL
     for family in ("llama-model", "llama-seqcls"):
         assert max(run(check_equivalence, family, 1, False, 1, False, 2, True, "ring", 11, 2)) <= TOL
     assert pools(4).run(check_ring_refuses_padding) == [True] * 4
+
+
+def test_ring_takes_right_padding(pools):
+    assert max(pools(2).run(check_ring_right_padding)) <= TOL

@@ -1,7 +1,7 @@
 """One call of an sp-axis model (Ulysses, ring): its inputs split, its loss and outputs made whole.
 
 `SequenceCalls.validate(kwargs)` runs first, before the call's batch check (its first collective):
-  * ring refuses a padding mask (causal training without padding only);
+  * ring takes a padding mask only as right padding the loss ignores (`_ring_padding_error`);
   * the KV cache: a call that brings one or asks for it (`generate`) is refused.
 `SequenceCalls.prepare(kwargs, args)` runs before HF's forward:
   * labels: shifted on the whole sequence (or `shift_labels` as given), padded with the ignore
@@ -37,11 +37,36 @@ class SequenceCalls:
         """Refuse, before any collective of the call, what this mode cannot run (ValueError)."""
         mask = kwargs.get("attention_mask")
         if self.zigzag and torch.is_tensor(mask) and not bool(mask.all()):
-            raise ValueError("sp_mode='ring' supports causal training without padding: this batch's attention_mask "
-                             "has zeros; use sp_mode='all_to_all' or 'split_gather' for padded batches")
+            why = self._ring_padding_error(kwargs, mask)
+            if why:
+                raise ValueError("sp_mode='ring' supports a padding mask only as right padding (each row's zeros "
+                                 f"at its end) that the loss ignores: this batch's attention_mask {why}; use "
+                                 "sp_mode='all_to_all' or 'split_gather' for other padded batches")
         if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
             raise ValueError("this sp_mode does not support a KV cache (generate, use_cache=True); run generation "
                              "on a model sharded without sequence parallelism")
+
+    def _ring_padding_error(self, kwargs: dict, mask: torch.Tensor) -> str:
+        """Why ring attention (causal, no mask) would not compute what HF computes with `mask`, or
+        "" when it does: with right padding no real token sees a padded one (they come after it),
+        so only the outputs at padded positions differ, and those predict no target of the loss
+        and get no gradient."""
+        if mask.dim() != 2:
+            return f"is {mask.dim()}-D, not [batch, sequence]"
+        real = mask.bool()
+        if (real[:, 1:] & ~real[:, :-1]).any():
+            return "has a zero before a one (left or inner padding)"
+        labels = kwargs.get("labels")
+        if labels is None or not self.has_lm_head:
+            return "has zeros and the call computes no LM loss (its outputs at padded positions would differ)"
+        ignore = kwargs.get("ignore_index", -100)
+        targets = kwargs.get("shift_labels")
+        if targets is None:
+            targets = F.pad(labels, (0, 1), value=ignore)[..., 1:]
+        if targets.shape != real.shape or (targets[~real] != ignore).any():
+            return (f"has zeros where the targets are not the ignore index ({ignore}): set the labels at padded "
+                    "positions to it")
+        return ""
 
     def prepare(self, kwargs: dict, args: tuple) -> tuple[dict, int]:
         """(the kwargs to call HF with, the true sequence length); `validate` ran before."""

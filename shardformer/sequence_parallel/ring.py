@@ -19,7 +19,9 @@ The block op returns the log-sum-exp: aten's flash attention on the CPU, aten's 
 attention on CUDA (every dtype, fp32 included; its log-sum-exp rows come padded to a multiple of 32,
 cut here and padded back for its backward); other devices are refused at setup (`plan_ulysses`).
 flash-attn is not used (it is installed on none of the machines this project is tested on).
-Causal training without padding or sliding window only: both are refused.
+Causal training; a padding mask only as right padding the loss ignores (`calls.py`: then no real
+token sees a padded one, and the outputs at padded positions count nowhere); a sliding window is
+refused.
 """
 from __future__ import annotations
 
@@ -235,7 +237,8 @@ def make_ring_attention():
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if attention_mask is not None:
-            raise ValueError("sp_mode='ring' supports causal attention without a padding mask")
+            raise ValueError("sp_mode='ring' got a mask: ring attention is causal and takes none (padding is "
+                             "checked before the call)")
         if dropout and module.training:
             raise ValueError("sp_mode='ring' does not support attention dropout")
         out = ring_attention(query, key, value, module.sf_sp_group, scaling)
