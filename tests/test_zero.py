@@ -52,6 +52,10 @@ def check_zero(stage, tp=1, sp=1, sp_mode=None, pp=1, accumulate=1, offload=Fals
         assert ref_norm > CLIP
         errs[f"step{step}/norm"] = rel_err(norm, ref_norm)
         step_and_compare_weights(errs, step, model, ref, (ref_opt, zero))
+    ids, labels = batch(rows_per_rank * dp, seq=seq, seed=99)  # evaluation after training: forward only
+    with torch.no_grad():
+        errs["eval"] = rel_err(model.forward_loss(input_ids=ids[mine], labels=labels[mine]),
+                               ref(input_ids=ids, labels=labels).loss)
     if save_dir is not None:
         check_saved(model, save_dir)
     return assert_within(errs, TOL)
