@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import policies as _policies
 from .batch_check import check_batch
-from .comm import agree_on_failure, all_or_none, all_reduce_no_grad, comm_device
+from .comm import agree_on_failure, all_or_none, all_reduce_no_grad
 from .config import ShardConfig
 from .data_parallel import GradReducer, apply_zero3
 from .data_parallel.zero3 import no_gradient_sync
@@ -305,7 +305,9 @@ def _apply(model, plan, groups) -> None:
         if runner is not None:
             runner.find_tied_param(model)  # FSDP2 put its own parameter in place
             runner.fsdp_dtype = model.sf_param_dtype  # FSDP2 computes in it (its shards: fp32 masters)
-            runner.fsdp_device = comm_device() if config.cpu_offload else None  # and where it communicates
+            if config.cpu_offload:  # the shards live on the CPU; FSDP2 computes on the mesh's device
+                runner.fsdp_device = torch.device("cuda", torch.cuda.current_device()) \
+                    if groups.mesh.device_type == "cuda" else torch.device("cpu")
 
 
 def shard_model(model: torch.nn.Module, policy=None, config: ShardConfig | None = None) -> torch.nn.Module:

@@ -129,6 +129,50 @@ def test_zero_3_with_pipeline_and_tensor_parallel(pools):
     assert max(pools(8).run(check_zero, 3, pp=2, tp=2, steps=2)) <= TOL
 
 
+def check_unsharded_during_pipeline_step():
+    """pp 2 x dp 2 at stage 3, gpipe with 4 microbatches: whenever a microbatch's backward starts
+    on the first stage, FSDP2 holds no unsharded gradient of it and at most its root's
+    parameters (the embedding) unsharded: each earlier backward reduce-scattered and resharded
+    its layers. (torch's stage alone would keep every layer's whole parameters and gradients
+    until the last microbatch.) Reads FSDP2's internals (torch 2.13)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = sf.shard_model(build("llama", num_hidden_layers=4),
+                           config=sf.ShardConfig(zero_stage=3, pp_size=2, num_microbatches=4, pp_schedule="gpipe"))
+    sf.ZeroOptimizer(torch.optim.AdamW(model.parameters(), **ADAMW), model)
+    stage = model.sf_pipeline.modules[0]
+    seen = []
+
+    def held(_grad):
+        state = fully_shard.state(stage)  # its units are known once the first forward ran (lazy init)
+        groups = [g for s in state._state_ctx.all_states for g in s._fsdp_param_groups]
+        assert len(groups) >= 3, groups  # the root and the stage's layers
+        grads = sum(fp.unsharded_accumulated_grad.numel() for g in groups for fp in g.fsdp_params
+                    if getattr(fp, "unsharded_accumulated_grad", None) is not None)
+        grads += sum(fp._unsharded_param.grad.numel() for g in groups for fp in g.fsdp_params
+                     if getattr(fp, "_unsharded_param", None) is not None and fp._unsharded_param.grad is not None)
+        params = sum(fp._unsharded_param.numel() for g in groups for fp in g.fsdp_params
+                     if getattr(fp, "_unsharded_param", None) is not None
+                     and fp._unsharded_param.untyped_storage().size() > 0)
+        seen.append((grads, params))
+
+    dp, mine = _rows(model, 4)
+    ids, labels = batch(4 * dp, seq=12, seed=3)
+    if model.sf_pipeline.has_first:
+        stage.register_full_backward_pre_hook(lambda module, grad_output: held(None))
+    model.forward_backward(input_ids=ids[mine], labels=labels[mine])
+    root = fully_shard.state(stage)._fsdp_param_group
+    return seen, sum(fp.sharded_param.shape.numel() for fp in root.fsdp_params)
+
+
+def test_pipeline_stage_3_reshards_every_microbatch(pools):
+    results = pools(4).run(check_unsharded_during_pipeline_step)
+    first = [r for r in results if r[0]]
+    assert len(first) == 2 and all(len(seen) == 4 for seen, _ in first), results  # the 2 first-stage ranks
+    for seen, root_numel in first:
+        assert all(grads == 0 and params <= root_numel for grads, params in seen), (seen, root_numel)
+
+
 def check_memory(stage):
     """Bytes this rank holds after a backward (before the step's consumption) and after a step."""
     model = sf.shard_model(build("llama", num_hidden_layers=4), config=sf.ShardConfig(zero_stage=stage))
@@ -336,6 +380,33 @@ def test_resume_is_exact(pools, tmp_path, stage, pp):
         fresh.close()
     for a, b in zip(whole, resumed):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def check_stage3_state_on_another_layout():
+    """A stage-3 optimizer state saved at pp 2 x dp 2 loads there (and a state that records no
+    layout, as saved before it was recorded, still does); loaded at tp 2 x dp 2 it is a ValueError
+    naming both meshes instead of a crash at the next step."""
+    states = {}
+    for layout in (dict(pp_size=2), dict(tp_size=2)):
+        model = sf.shard_model(build("llama", num_hidden_layers=4), config=sf.ShardConfig(zero_stage=3, **layout))
+        zero = sf.ZeroOptimizer(torch.optim.AdamW(model.parameters(), **ADAMW), model)
+        dp, mine = _rows(model, 2)
+        ids, labels = batch(2 * dp, seq=12)
+        model.forward_backward(input_ids=ids[mine], labels=labels[mine])
+        zero.step()
+        if "pp_size" in layout:
+            states["pp"] = zero.state_dict()
+            zero.load_state_dict(states["pp"])
+            zero.load_state_dict(dict(states["pp"], layout={"stage": 3}))
+        else:
+            with pytest.raises(ValueError, match="saved on another layout") as raised:
+                zero.load_state_dict(states["pp"])
+            assert "'pp': 2" in str(raised.value) and "'tp': 2" in str(raised.value), raised.value
+    return True
+
+
+def test_stage3_state_on_another_layout(pools):
+    assert pools(4).run(check_stage3_state_on_another_layout) == [True] * 4
 
 
 class _Other(torch.nn.Module):

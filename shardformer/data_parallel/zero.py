@@ -326,11 +326,17 @@ class ZeroOptimizer:
         optimizer's state over this rank's FSDP shards, and the loss scale)."""
         if self.stage == 3:
             return {"inner": self.inner.state_dict(), "scale": self.scale, "good_steps": self._good_steps,
-                    "layout": {"stage": 3}}
+                    "layout": self._stage3_layout()}
         return {"inner": self.inner.state_dict(), "masters": [self.masters[id(p)].clone() for p in self.params],
                 "scale": self.scale, "good_steps": self._good_steps,
                 "layout": {"stage": self.stage, "ranks": self.layout.size, "rank": self.layout.rank,
                            "pieces": [self.layout.piece_size(p) for p in self.params]}}
+
+    def _stage3_layout(self) -> dict:
+        """What a stage-3 state is only valid for: the mesh, this rank and its FSDP2 shards' shapes."""
+        mesh = self.model.sf_mesh
+        return {"stage": 3, "mesh": dict(zip(mesh.mesh_dim_names, map(int, mesh.mesh.shape))),
+                "rank": dist.get_rank(), "shards": [list(local(p).shape) for p in self.params]}
 
     def consolidated_state_dict(self) -> dict:
         """The unsharded model's optimizer state by parameter name (see the module function);
@@ -348,8 +354,13 @@ class ZeroOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         if self.stage == 3:
-            if state.get("layout") != {"stage": 3}:
-                raise ValueError("sf.ZeroOptimizer.load_state_dict: the state was saved on another layout")
+            saved, mine = state.get("layout"), self._stage3_layout()
+            # (a state saved before the stage-3 layout was recorded says {"stage": 3} only)
+            if not isinstance(saved, dict) or saved.get("stage") != 3 or (len(saved) > 1 and saved != mine):
+                mesh = saved.get("mesh") if isinstance(saved, dict) else None
+                raise ValueError(f"sf.ZeroOptimizer.load_state_dict: the state was saved on another layout (mesh "
+                                 f"{mesh}, rank {saved.get('rank') if isinstance(saved, dict) else None}; this one: "
+                                 f"mesh {mine['mesh']}, rank {mine['rank']}, or other FSDP2 shard shapes)")
             self.inner.load_state_dict(state["inner"])
             # (a stage-3 state saved before it carried the loss scale keeps this wrapper's)
             self.scale, self._good_steps = float(state.get("scale", self.scale)), int(state.get("good_steps", 0))

@@ -3,7 +3,7 @@
 `apply_zero3` calls `torch.distributed.fsdp.fully_shard` on every decoder layer (one unit each:
 its parameters are all-gathered for its forward and again for its backward, and freed after)
 and then on the whole model (the embedding, final norm and LM head, tied or not, in one root
-unit), over the dp axis of the mesh (dp x sp flattened, with all_to_all or ring sequence
+unit; with pipelines on each stage module instead, see below), over the dp axis of the mesh (dp x sp flattened, with all_to_all or ring sequence
 parallelism: those ranks hold the same weights and their gradients are averaged together).
 Tensor parallelism is applied first, so FSDP shards each rank's tensor-parallel piece (a plain
 tensor) along its first dimension: FSDP runs on dp and shardformer's own collectives on tp.
@@ -31,9 +31,11 @@ sharding, so FSDP's shards are the fp32 master weights the optimizer steps; FSDP
 reduce-scatters gradients in fp32. fp16 loss scaling is `sf.ZeroOptimizer`'s.
 
 With pipeline parallelism each of a rank's stage modules is the FSDP root of its own layers'
-units and holds the embedding / final norm / head its stage runs; torch's `PipelineStage` keeps
-the gradients unsharded over a step's microbatches and reduce-scatters them once after the last.
-Tied embeddings on two stages are two sharded copies, whose gradients' shards are summed over
+units and holds the embedding / final norm / head its stage runs. Each microbatch's backward
+reduce-scatters its gradients and reshards its layers as any FSDP2 backward does
+(`pipeline.runner._Stage`: torch's own stage would keep every layer's whole parameters and
+gradients until the step's last microbatch, no ZeRO-3 saving at the peak); under `no_sync()`
+they accumulate unsharded and are reduce-scattered at the step's end. Tied embeddings on two stages are two sharded copies, whose gradients' shards are summed over
 the two ranks (`PipelineRunner.finish`). Refused at setup (ValueError): the zbv schedule.
 """
 from __future__ import annotations

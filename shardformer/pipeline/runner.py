@@ -32,8 +32,27 @@ from torch.distributed.pipelining import (
     PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble,
 )
 
+from ..comm import comm_device
 from ..sharding import local as local_shard
 from .stage import StageModule
+
+class _Stage(PipelineStage):
+    """torch's pipeline stage, except that a ZeRO-3 stage root (an FSDP2 module) runs each
+    microbatch's full backward as FSDP2 runs any backward: its gradients are reduce-scattered and
+    its parameters resharded after it (torch's stage would keep every layer's whole parameters
+    and gradients until the step's last microbatch: no ZeRO-3 memory saving at the peak). Under
+    the user's `no_sync()` FSDP2 accumulates unsharded gradients; the stage's end-of-step
+    reduction then reduce-scatters them once."""
+
+    def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.pipelining._backward import stage_backward
+
+        if backward_type != "full" or not isinstance(self.submod, FSDPModule):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        grads = stage_backward(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"])
+        return grads, None
+
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
               "zbv": ScheduleZBVZeroBubble}
@@ -135,7 +154,7 @@ class PipelineRunner:
                       else self._hidden(mb, seq, True))
             outputs = (torch.empty((), dtype=torch.float32, device=self.device, requires_grad=True)
                        if module.last else self._hidden(mb, seq, True))
-            stages.append(PipelineStage(module, module.index, self.plan.stages, self.device, input_args=inputs,
+            stages.append(_Stage(module, module.index, self.plan.stages, self.device, input_args=inputs,
                                         output_args=outputs, group=self.group))
         cls = _SCHEDULES[self.plan.schedule]
         single = self.plan.schedule in ("gpipe", "1f1b")
@@ -176,7 +195,11 @@ class PipelineRunner:
             param = self.tied_param
             step = param.grad if self._tied_before is None else param.grad - self._tied_before
             # only this step's part: accumulation stays exact; at ZeRO-3 both copies are sharded
-            dist.all_reduce(local_shard(step), group=self.tied_group)  # alike over dp: the shards add up
+            shard = local_shard(step)  # alike over dp: the shards add up (on the CPU with cpu_offload)
+            wire = shard.to(comm_device(self.tied_group))
+            dist.all_reduce(wire, group=self.tied_group)
+            if wire is not shard:
+                shard.copy_(wire)
             param.grad = step if self._tied_before is None else self._tied_before + step
         dist.all_reduce(local, group=self.group)
         return local
