@@ -159,3 +159,12 @@ class capture_logs:
     @property
     def messages(self) -> list[str]:
         return [r.getMessage() for r in self.records]
+
+
+def masked_step_errors(model, ref, ids, mask, labels) -> tuple[list, torch.Tensor]:
+    """One forward_backward of the sharded `model` with an attention mask against the unsharded
+    `ref`: ([loss error, every gradient's error], ref's loss)."""
+    ref_loss = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref_loss.backward()
+    errs = [rel_err(model.forward_backward(input_ids=ids, attention_mask=mask, labels=labels), ref_loss.detach())]
+    return errs + list(grad_errors(model, ref).values()), ref_loss.detach()

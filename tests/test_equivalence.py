@@ -14,7 +14,7 @@ from shardformer.kernels import FusedRMSNorm, FusedSwiGLUMLP, cuda
 from shardformer.sharding import sharded_parameters
 
 from . import standin_ext
-from .models import batch, build, capture_logs, grad_errors, rel_err
+from .models import batch, build, capture_logs, grad_errors, masked_step_errors, rel_err
 
 TOL = 1e-5
 # AdamW's first step is about lr * sign(g): with the default eps=1e-8 a gradient entry near 1e-8
@@ -498,13 +498,10 @@ def check_ring_right_padding():
     mask[1, -4:] = 0
     mask[2, 2:] = 0
     labels = labels.masked_fill(mask == 0, -100)
-    ref_loss = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
-    ref_loss.backward()
-    errs = [rel_err(model.forward_backward(input_ids=ids, attention_mask=mask, labels=labels), ref_loss.detach())]
-    errs += list(grad_errors(model, ref).values())
+    errs, ref_loss = masked_step_errors(model, ref, ids, mask, labels)
     with torch.no_grad():
-        errs.append(rel_err(model.forward_loss(input_ids=ids, attention_mask=mask, labels=labels), ref_loss.detach()))
-        errs.append(rel_err(model(input_ids=ids, attention_mask=mask, labels=labels).loss, ref_loss.detach()))
+        errs.append(rel_err(model.forward_loss(input_ids=ids, attention_mask=mask, labels=labels), ref_loss))
+        errs.append(rel_err(model(input_ids=ids, attention_mask=mask, labels=labels).loss, ref_loss))
     model.zero_grad()
     for bad, why in ((mask.flip(1), "has a zero before a one"), (None, "computes no LM loss")):
         with pytest.raises(ValueError, match=RING_PADDING) as raised:

@@ -11,7 +11,7 @@ import torch
 
 import shardformer as sf
 
-from .models import batch, build, grad_errors, rel_err
+from .models import batch, build, grad_errors, masked_step_errors, rel_err
 from .test_equivalence import TOL
 from .test_pipeline import check_pipeline
 
@@ -107,16 +107,13 @@ def check_padded_and_split_batches():
     mask[0, 5] = 0
     mask[2, 2:4] = 0
     labels = labels.masked_fill(mask == 0, -100)
-    ref_loss = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
-    ref_loss.backward()
-    errs = [rel_err(model.forward_backward(input_ids=ids, attention_mask=mask, labels=labels), ref_loss.detach())]
-    errs += list(grad_errors(model, ref).values())
+    errs, ref_loss = masked_step_errors(model, ref, ids, mask, labels)
     model.zero_grad()
     shard = sf.split_batch(dict(input_ids=ids, attention_mask=mask, labels=labels), model)
-    errs.append(rel_err(model.forward_backward(**shard), ref_loss.detach()))
+    errs.append(rel_err(model.forward_backward(**shard), ref_loss))
     errs += list(grad_errors(model, ref).values())
     with torch.no_grad():
-        errs.append(rel_err(model.forward_loss(input_ids=ids, attention_mask=mask, labels=labels), ref_loss.detach()))
+        errs.append(rel_err(model.forward_loss(input_ids=ids, attention_mask=mask, labels=labels), ref_loss))
     return max(errs)
 
 
@@ -136,10 +133,7 @@ def check_ring_padding():
     mask[1, -3:] = 0
     mask[2, 4:] = 0
     labels = labels.masked_fill(mask == 0, -100)
-    ref_loss = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
-    ref_loss.backward()
-    errs = [rel_err(model.forward_backward(input_ids=ids, attention_mask=mask, labels=labels), ref_loss.detach())]
-    errs += list(grad_errors(model, ref).values())
+    errs, ref_loss = masked_step_errors(model, ref, ids, mask, labels)
     model.zero_grad()
     inner = mask.clone()
     inner[0, 5] = 0
