@@ -3,8 +3,9 @@
 `apply_zero3` calls `torch.distributed.fsdp.fully_shard` on every decoder layer (one unit each:
 its parameters are all-gathered for its forward and again for its backward, and freed after)
 and then on the whole model (the embedding, final norm and LM head, tied or not, in one root
-unit; with pipelines on each stage module instead, see below), over the dp axis of the mesh (dp x sp flattened, with all_to_all or ring sequence
-parallelism: those ranks hold the same weights and their gradients are averaged together).
+unit; with pipelines on each stage module instead, see below), over the dp axis of the mesh
+(dp x sp flattened, with all_to_all or ring sequence parallelism: those ranks hold the same
+weights and their gradients are averaged together).
 Tensor parallelism is applied first, so FSDP shards each rank's tensor-parallel piece (a plain
 tensor) along its first dimension: FSDP runs on dp and shardformer's own collectives on tp.
 FSDP2 reduce-scatters gradients (their mean over dp) during backward; parameters and gradients are DTensors over dp, which the optimizer,
@@ -35,8 +36,9 @@ units and holds the embedding / final norm / head its stage runs. Each microbatc
 reduce-scatters its gradients and reshards its layers as any FSDP2 backward does
 (`pipeline.runner._Stage`: torch's own stage would keep every layer's whole parameters and
 gradients until the step's last microbatch, no ZeRO-3 saving at the peak); under `no_sync()`
-they accumulate unsharded and are reduce-scattered at the step's end. Tied embeddings on two stages are two sharded copies, whose gradients' shards are summed over
-the two ranks (`PipelineRunner.finish`). Refused at setup (ValueError): the zbv schedule.
+they accumulate unsharded and are reduce-scattered at the step's end. Tied embeddings on two
+stages are two sharded copies, whose gradients' shards are summed over the two ranks
+(`PipelineRunner.finish`). Refused at setup (ValueError): the zbv schedule.
 """
 from __future__ import annotations
 
@@ -100,8 +102,8 @@ def fp32_masters(model: nn.Module):
 def apply_zero3(model: nn.Module, layers: nn.ModuleList, groups, cpu_offload: bool, stages=()) -> None:
     """Shard `model`'s weights over the dp axis (see module docstring). Collective-free setup.
     `stages`: the pipeline stage modules this rank runs (pp > 1), each then the root of its own
-    layers' units, holding the embedding / final norm / head it runs; torch's pipeline stage
-    drives such a root (no gradient reduce-scatter until the step's last microbatch)."""
+    layers' units, holding the embedding / final norm / head it runs (each microbatch's backward
+    reduce-scatters: `pipeline.runner._Stage`)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = groups.mesh["dp"]

@@ -36,6 +36,7 @@ from ..comm import comm_device
 from ..sharding import local as local_shard
 from .stage import StageModule
 
+
 class _Stage(PipelineStage):
     """torch's pipeline stage, except that a ZeRO-3 stage root (an FSDP2 module) runs each
     microbatch's full backward as FSDP2 runs any backward: its gradients are reduce-scattered and

@@ -4,5 +4,5 @@ from .calls import SequenceCalls, gather_hidden_hook
 from .split_gather import SplitGatherPlan, apply_split_gather, plan_split_gather
 from .ulysses import SequenceChunks, UlyssesPlan, apply_ulysses, plan_ulysses
 
-__all__ = ["SplitGatherPlan", "apply_split_gather", "plan_split_gather", "SequenceCalls", "SequenceChunks", "UlyssesPlan",
-           "apply_ulysses", "plan_ulysses", "gather_hidden_hook"]
+__all__ = ["SplitGatherPlan", "apply_split_gather", "plan_split_gather", "SequenceCalls", "SequenceChunks",
+           "UlyssesPlan", "apply_ulysses", "plan_ulysses", "gather_hidden_hook"]
