@@ -269,10 +269,10 @@ def _apply(model, plan, groups) -> None:
         apply_split_gather(model, plan.sp, tp_hooks, groups.tp, groups.size("tp"), head)
     elif config.sp_mode in ("all_to_all", "ring"):
         _own_config(model)
-        lengths = apply_ulysses(model, plan.sp, groups)
-        calls = SequenceCalls(groups.sp, groups.size("sp"), groups.mesh.get_local_rank("sp"), head is not None,
-                              zigzag=config.sp_mode == "ring")
-        chunks = SequenceChunks(groups.size("sp"), groups.mesh.get_local_rank("sp"), zigzag=config.sp_mode == "ring")
+        sp, sp_rank, zigzag = groups.size("sp"), groups.mesh.get_local_rank("sp"), config.sp_mode == "ring"
+        chunks = SequenceChunks(sp, sp_rank, zigzag)
+        lengths = apply_ulysses(model, plan.sp, groups, chunks)
+        calls = SequenceCalls(groups.sp, sp, sp_rank, head is not None, zigzag=zigzag)
         if head is None:  # the whole sequence for the model's own outputs / heads
             final = model.get_submodule(plan.tp.base_path + policy.final_norm)
             final.register_forward_hook(gather_hidden_hook(calls, lengths[-1]))

@@ -28,9 +28,11 @@ from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (
     PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining._backward import stage_backward
 
 from ..comm import comm_device
 from ..sharding import local as local_shard
@@ -46,9 +48,6 @@ class _Stage(PipelineStage):
     reduction then reduce-scatters them once."""
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.pipelining._backward import stage_backward
-
         if backward_type != "full" or not isinstance(self.submod, FSDPModule):
             return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
         grads = stage_backward(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"])

@@ -26,6 +26,14 @@ from .ring import zigzag_chunk, zigzag_gather
 from .ulysses import SEQ_DIM
 
 
+def _targets(kwargs: dict, labels: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(the ignore index, each position's target): `shift_labels` as given, else the labels
+    shifted left by one on the whole sequence (the last position: the ignore index)."""
+    ignore = kwargs.get("ignore_index", -100)
+    targets = kwargs.get("shift_labels")
+    return ignore, (F.pad(labels, (0, 1), value=ignore)[..., 1:] if targets is None else targets)
+
+
 class SequenceCalls:
     """Per-call input / output handling of an sp-axis model (all_to_all, or ring with `zigzag`
     placement); holds no per-call state."""
@@ -59,10 +67,7 @@ class SequenceCalls:
         labels = kwargs.get("labels")
         if labels is None or not self.has_lm_head:
             return "has zeros and the call computes no LM loss (its outputs at padded positions would differ)"
-        ignore = kwargs.get("ignore_index", -100)
-        targets = kwargs.get("shift_labels")
-        if targets is None:
-            targets = F.pad(labels, (0, 1), value=ignore)[..., 1:]
+        ignore, targets = _targets(kwargs, labels)
         if targets.shape != real.shape or (targets[~real] != ignore).any():
             return (f"has zeros where the targets are not the ignore index ({ignore}): set the labels at padded "
                     "positions to it")
@@ -80,10 +85,7 @@ class SequenceCalls:
             kwargs["sf_logits_to_keep"] = keep
         labels = kwargs.get("labels")
         if labels is not None and self.has_lm_head:
-            ignore = kwargs.get("ignore_index", -100)
-            targets = kwargs.get("shift_labels")
-            if targets is None:
-                targets = F.pad(labels, (0, 1), value=ignore)[..., 1:]
+            ignore, targets = _targets(kwargs, labels)
             if kwargs.get("num_items_in_batch") is None:
                 kwargs["num_items_in_batch"] = (targets != ignore).sum()
             if self.zigzag:

@@ -78,10 +78,15 @@ class SequenceChunks:
         multiple = 2 * self.sp if self.zigzag else self.sp
         return -(-full // multiple) * multiple // self.sp
 
+    def cut(self, x: torch.Tensor, dim: int = SEQ_DIM) -> torch.Tensor:
+        """This rank's chunk of the whole sequence `x` (backward: zeros elsewhere), a view where
+        it can be (rotary cos / sin: no gradient, nothing saved)."""
+        return (zigzag_chunk if self.zigzag else _chunk)(x, dim, self.sp, self.rank)
+
     def take(self, x: torch.Tensor, dim: int = SEQ_DIM) -> torch.Tensor:
-        """This rank's chunk of the whole sequence `x` (backward: zeros elsewhere), in storage of its
-        own: a view would keep the whole sequence alive as long as a layer keeps its chunk."""
-        part = (zigzag_chunk if self.zigzag else _chunk)(x, dim, self.sp, self.rank)
+        """`cut`, in storage of its own: a view would keep the whole sequence alive as long as a
+        layer keeps its chunk."""
+        part = self.cut(x, dim)
         return part if part._base is None else part.clone()
 
     def place(self, chunk: torch.Tensor, full: int, dim: int = SEQ_DIM) -> torch.Tensor:
@@ -150,14 +155,13 @@ def _layer_pre_hook(length: SequenceLength, group, chunks: SequenceChunks, first
     """`first`: the model's first layer (splits its input); `stage_start`: the first layer of a later
     pipeline stage (its input is a received chunk placed in a whole sequence: takes it back)."""
     split = zigzag_split if mode == "ring" else split_seq
-    chunk = zigzag_chunk if mode == "ring" else _chunk  # cos / sin need no gradient: a view where it can be
 
     def hook(module, args, kwargs):
         length.full = sequence_length(kwargs, mode)
         kwargs = dict(kwargs)
         cos_sin = kwargs.get("position_embeddings")
         if cos_sin is not None:
-            kwargs["position_embeddings"] = tuple(chunk(t, -2, chunks.sp, chunks.rank) for t in cos_sin)  # no grad
+            kwargs["position_embeddings"] = tuple(chunks.cut(t, -2) for t in cos_sin)
         if first:
             return with_hidden_states(args, kwargs, lambda h: split(h, SEQ_DIM, group, 1.0 / chunks.sp))
         if stage_start:
@@ -191,13 +195,14 @@ def make_ulysses_attention(inner_name: str):
     return ulysses_attention
 
 
-def apply_ulysses(model: nn.Module, plan: UlyssesPlan, groups: ParallelGroups) -> list:
-    """Install the hooks and the attention function (local: no collective); returns the
-    per-layer sequence-length holders (the last one serves the final norm)."""
+def apply_ulysses(model: nn.Module, plan: UlyssesPlan, groups: ParallelGroups, chunks: SequenceChunks) -> list:
+    """Install the hooks and the attention function (local: no collective); `chunks`: this rank's
+    part of the sequence (also what pipeline stages pass). Returns the per-layer sequence-length
+    holders (the last one serves the final norm)."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    group, sp, rank = groups.sp, plan.sp, groups.mesh.get_local_rank("sp")
+    group, sp = groups.sp, plan.sp
     inner = model.config._attn_implementation or "eager"
     if plan.mode == "ring":  # its own causal block op: no mask (padding is refused by SequenceCalls.validate)
         name = "sf_ring"
@@ -208,7 +213,6 @@ def apply_ulysses(model: nn.Module, plan: UlyssesPlan, groups: ParallelGroups) -
         ALL_ATTENTION_FUNCTIONS.register(name, make_ulysses_attention(inner))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     lengths = [SequenceLength() for _ in plan.layers]
-    chunks = SequenceChunks(sp, rank, zigzag=plan.mode == "ring")
     for i, path in enumerate(plan.layers):
         hook = _layer_pre_hook(lengths[i], group, chunks, i == 0, i in plan.stage_starts, plan.mode)
         model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
